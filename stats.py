@@ -1,0 +1,397 @@
+"""Statistics behind every claim: bootstrap intervals over test images, paired tests, seed summaries.
+
+Two sources of noise separate a measured metric from the truth, and each has its tool here:
+
+- the finite test set: with the trained model held fixed, resample test images with replacement
+  (`bootstrap_ci`, `paired_bootstrap`, `compare_to_baseline`) or count disagreements (`mcnemar`);
+- the training seed: mean, standard deviation and Student-t interval over runs (`seed_summary`).
+
+A grid makes tens of comparisons at once, so their p-values go through `holm_bonferroni` before
+anything is called significant (`significant_flags`). Dicts hold plain Python numbers (JSON-ready).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+from config import NUM_CLASSES
+
+METRICS = ("f1_macro", "accuracy")
+BOOTSTRAP_METHOD = "percentile bootstrap over test images"
+# McNemar switches from the exact binomial test to chi-square once this many images are discordant.
+MCNEMAR_EXACT_BELOW = 25
+# Resampled labels held at once per prediction array (int64: 32 MiB); bounds memory for any n and n_boot.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics from confusion matrices
+
+
+def _labels(y, num_classes: int, name: str) -> np.ndarray:
+    """Integer class labels as a 1-D int64 array, checked to lie in 0..num_classes-1."""
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer class labels, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise ValueError(f"{name} has labels outside 0..{num_classes - 1}")
+    return arr
+
+
+def _codes(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Cell of the confusion matrix each image falls in: y_true * K + y_pred, int64 (n,)."""
+    t = _labels(y_true, num_classes, "y_true")
+    p = _labels(y_pred, num_classes, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {t.size} vs {p.size}")
+    if t.size == 0:
+        raise ValueError("no test images")
+    return t * num_classes + p
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+
+
+def macro_f1_from_confusion(cm) -> np.ndarray:
+    """Macro-F1 of confusion matrices (..., K, K), rows = true class, columns = predicted class.
+
+    Same as scikit-learn's f1_score(average="macro", labels=range(K), zero_division=0): a class with
+    no true and no predicted image scores 0 and still counts in the mean. Returns shape (...).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)  # (..., K)
+    # 2TP + FP + FN = (images of the class) + (images predicted as the class)
+    denom = cm.sum(axis=-1) + cm.sum(axis=-2)  # (..., K)
+    f1 = np.divide(2.0 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return f1.mean(axis=-1)
+
+
+def _metric_from_confusion(cm: np.ndarray, metric: str) -> np.ndarray:
+    """Metric of confusion matrices (..., K, K) -> (...)."""
+    if metric == "f1_macro":
+        return macro_f1_from_confusion(cm)
+    return np.trace(cm, axis1=-2, axis2=-1) / cm.sum(axis=(-2, -1))
+
+
+def confusion_matrices(y_true, y_pred, indices, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Confusion matrices of resampled test sets: indices (R, m) into the n images -> (R, K, K) int64.
+
+    Row r counts the images y_true[indices[r]] against y_pred[indices[r]] (repeats count again).
+    """
+    codes = _codes(y_true, y_pred, num_classes)
+    return _confusions_from_codes(codes, np.asarray(indices), num_classes)
+
+
+def _confusions_from_codes(codes: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """codes (n,), indices (R, m) -> (R, K, K): one bincount over all replicates at once."""
+    kk = num_classes * num_classes
+    n_rep = indices.shape[0]
+    sampled = codes[indices]  # (R, m), a new array, so the offsets can be added in place
+    # Replicate r counts into its own block of K*K bins.
+    sampled += (np.arange(n_rep, dtype=np.int64) * kk)[:, None]
+    counts = np.bincount(sampled.ravel(), minlength=n_rep * kk)
+    return counts.reshape(n_rep, num_classes, num_classes)
+
+
+def macro_f1(y_true, y_pred, num_classes: int = NUM_CLASSES) -> float:
+    """Macro-F1 over classes 0..num_classes-1 (scikit-learn semantics, zero_division=0)."""
+    return metric_value(y_true, y_pred, "f1_macro", num_classes)
+
+
+def metric_value(y_true, y_pred, metric: str = "f1_macro", num_classes: int = NUM_CLASSES) -> float:
+    """Macro-F1 ("f1_macro") or accuracy ("accuracy") of predictions on the whole test set."""
+    _check_metric(metric)
+    codes = _codes(y_true, y_pred, num_classes)
+    cm = np.bincount(codes, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return float(_metric_from_confusion(cm, metric))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bootstrap over test images
+
+
+def _bootstrap_chunks(n: int, n_boot: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Resampling indices, (r, n) per chunk, r summing to n_boot; the draws depend only on n and seed."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, n_boot, rows):
+        yield rng.integers(0, n, size=(min(rows, n_boot - start), n))
+
+
+def bootstrap_replicates(
+    y_true,
+    preds: Sequence,
+    metric: str = "f1_macro",
+    n_boot: int = 1000,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+) -> np.ndarray:
+    """Metric of every prediction array on the same resampled test sets: (M, n_boot).
+
+    `preds` holds M prediction arrays for the same images; replicate r resamples the images once and
+    scores all M arrays on that resample, so differences between arrays are paired.
+    """
+    _check_metric(metric)
+    codes = [_codes(y_true, p, num_classes) for p in preds]  # M arrays (n,)
+    if not codes:
+        raise ValueError("no prediction arrays")
+    rng = np.random.default_rng(seed)
+    chunks = [[] for _ in codes]
+    for idx in _bootstrap_chunks(codes[0].size, n_boot, rng):  # idx (r, n)
+        for out, c in zip(chunks, codes, strict=True):
+            out.append(_metric_from_confusion(_confusions_from_codes(c, idx, num_classes), metric))
+    return np.stack([np.concatenate(c) for c in chunks])
+
+
+def _percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[float, float]:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    low, high = np.quantile(replicates, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def _bootstrap_p_value(diffs: np.ndarray) -> float:
+    """Two-sided p-value that a difference is zero, from its bootstrap distribution (n_boot,).
+
+    Twice the smaller share of replicates on either side of 0 (ties count on both sides), with +1 in
+    numerator and denominator so that it is never 0: about the smallest 1 - confidence at which the
+    percentile interval still contains 0. Identical predictions give 1.
+    """
+    n = diffs.size
+    below = np.count_nonzero(diffs <= 0)
+    above = np.count_nonzero(diffs >= 0)
+    return float(min(1.0, 2.0 * (min(below, above) + 1) / (n + 1)))
+
+
+def bootstrap_ci(
+    y_true,
+    y_pred,
+    metric: str = "f1_macro",
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+) -> dict:
+    """Confidence interval of a test metric for one trained model (test-set noise only, not seeds).
+
+    Returns estimate (on all images), low and high (percentiles of n_boot resamples of the test
+    images), n_boot, confidence, metric and method.
+    """
+    estimate = metric_value(y_true, y_pred, metric, num_classes)
+    reps = bootstrap_replicates(y_true, [y_pred], metric, n_boot, seed, num_classes)[0]  # (n_boot,)
+    low, high = _percentile_interval(reps, confidence)
+    return {
+        "estimate": estimate,
+        "low": low,
+        "high": high,
+        "n_boot": int(n_boot),
+        "confidence": float(confidence),
+        "metric": metric,
+        "method": BOOTSTRAP_METHOD,
+    }
+
+
+def paired_bootstrap(
+    y_true,
+    pred_a,
+    pred_b,
+    metric: str = "f1_macro",
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+) -> dict:
+    """Does model b score differently from model a on the same test images?
+
+    Both are scored on the same resamples, so the shared difficulty of the images cancels. Returns
+    diff = metric(b) - metric(a), its percentile interval (low, high), the two-sided bootstrap
+    p_value of diff = 0, n_boot, confidence, metric and method.
+    """
+    diff = metric_value(y_true, pred_b, metric, num_classes) - metric_value(
+        y_true, pred_a, metric, num_classes
+    )
+    reps = bootstrap_replicates(y_true, [pred_a, pred_b], metric, n_boot, seed, num_classes)  # (2, n_boot)
+    diffs = reps[1] - reps[0]
+    low, high = _percentile_interval(diffs, confidence)
+    return {
+        "diff": float(diff),
+        "low": low,
+        "high": high,
+        "p_value": _bootstrap_p_value(diffs),
+        "n_boot": int(n_boot),
+        "confidence": float(confidence),
+        "metric": metric,
+        "method": "paired " + BOOTSTRAP_METHOD,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# McNemar
+
+
+def mcnemar(y_true, pred_a, pred_b, num_classes: int = NUM_CLASSES) -> dict:
+    """McNemar's test: do models a and b err on the same number of test images?
+
+    Only discordant images count: b = a right and b wrong, c = a wrong and b right. Tests accuracy,
+    not F1. With b + c < 25 the exact binomial test of b ~ Binomial(b + c, 1/2) (statistic = b),
+    otherwise chi-square with continuity correction (|b - c| - 1)^2 / (b + c), 1 degree of freedom.
+    """
+    t = _labels(y_true, num_classes, "y_true")
+    right_a = _labels(pred_a, num_classes, "pred_a") == t
+    right_b = _labels(pred_b, num_classes, "pred_b") == t
+    b = int(np.count_nonzero(right_a & ~right_b))
+    c = int(np.count_nonzero(~right_a & right_b))
+    if b + c == 0:
+        statistic, p_value, method = 0.0, 1.0, "exact binomial (no discordant images)"
+    elif b + c < MCNEMAR_EXACT_BELOW:
+        statistic = float(b)
+        p_value = sps.binomtest(b, b + c, 0.5).pvalue
+        method = "exact binomial"
+    else:
+        statistic = (abs(b - c) - 1) ** 2 / (b + c)
+        p_value = sps.chi2.sf(statistic, df=1)
+        method = "chi-square with continuity correction"
+    return {"b": b, "c": c, "statistic": float(statistic), "p_value": float(p_value), "method": method}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds and multiple comparisons
+
+
+def seed_summary(values, confidence: float = 0.95) -> dict:
+    """Spread of a metric over training seeds: mean, std (ddof=1), n and a Student-t interval.
+
+    One value has no spread to measure: std is 0, both bounds equal the value and single_run is
+    True, so a report can say so instead of carrying NaN.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values must be finite")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    n = v.size
+    mean = float(v.mean())
+    std = float(v.std(ddof=1)) if n > 1 else 0.0
+    half = float(sps.t.ppf((1 + confidence) / 2, df=n - 1)) * std / np.sqrt(n) if n > 1 else 0.0
+    return {
+        "mean": mean,
+        "std": std,
+        "n": int(n),
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "confidence": float(confidence),
+        "single_run": n == 1,
+    }
+
+
+def holm_bonferroni(p_values) -> np.ndarray:
+    """Holm-adjusted p-values (same order as given): family-wise error control for many tests.
+
+    The i-th smallest of m p-values is multiplied by m - i (i from 0), made non-decreasing along the
+    sorted order and clipped to 1. Reject where the adjusted p-value is <= alpha.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"p_values must be 1-D, got shape {p.shape}")
+    if np.any(~np.isfinite(p) | (p < 0) | (p > 1)):
+        raise ValueError("p_values must lie in [0, 1]")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    scaled = (m - np.arange(m)) * p[order]  # (m,) in ascending order of p
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return adjusted
+
+
+def significant_flags(p_values, alpha: float = 0.05) -> np.ndarray:
+    """Which raw p-values stay significant at family-wise level alpha after Holm's correction (bool)."""
+    return holm_bonferroni(p_values) <= alpha
+
+
+# ----------------------------------------------------------------------------------------------------
+# A grid cell against its baseline
+
+
+def _prediction_stack(preds, name: str) -> np.ndarray:
+    """A list of per-seed prediction arrays (or one array) as (S, n)."""
+    stack = np.atleast_2d(np.asarray(preds))
+    if stack.ndim != 2 or stack.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty list of equally long prediction arrays")
+    return stack
+
+
+def compare_to_baseline(
+    y_true,
+    baseline_preds,
+    cell_preds,
+    metric: str = "f1_macro",
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+) -> dict:
+    """Compare a grid cell with the no-augmentation baseline of the same model on the same test images.
+
+    What is tested: the trained models are held fixed and the test images are the random sample.
+    diff = mean over cell seeds of metric(cell) - mean over baseline seeds of metric(baseline), each
+    seed scored on its own predictions (no majority vote). One bootstrap resample of the images is
+    applied to all seeds of both sides at once, which gives the interval (low, high) and the
+    two-sided p_value of "diff = 0 on the population of test images". This does not include how much
+    a new training seed would move the metric; that spread is in seed_summary over seeds and in
+    seed_diffs.
+
+    Seeds are paired by position (seed i of the cell with seed i of the baseline) when both lists are
+    equally long: seed_diffs then lists the per-pair differences (their mean is diff), and McNemar
+    runs on each pair. When the counts differ, seed_diffs is None and McNemar runs on the first
+    min(counts) pairs. mcnemar_p is the largest per-pair McNemar p-value (accuracy, not F1): below
+    alpha only when every pair differs significantly, a level-alpha intersection-union test; check
+    the signs of seed_diffs, since the pairs may differ in opposite directions.
+    """
+    base = _prediction_stack(baseline_preds, "baseline_preds")  # (S_b, n)
+    cell = _prediction_stack(cell_preds, "cell_preds")  # (S_c, n)
+    n_base, n_cell = base.shape[0], cell.shape[0]
+    reps = bootstrap_replicates(
+        y_true, list(base) + list(cell), metric, n_boot, seed, num_classes
+    )  # (S_b + S_c, n_boot)
+    diffs = reps[n_base:].mean(axis=0) - reps[:n_base].mean(axis=0)  # (n_boot,)
+    base_values = [metric_value(y_true, p, metric, num_classes) for p in base]
+    cell_values = [metric_value(y_true, p, metric, num_classes) for p in cell]
+    paired = n_base == n_cell
+    low, high = _percentile_interval(diffs, confidence)
+    n_pairs = min(n_base, n_cell)
+    pairs = zip(base[:n_pairs], cell[:n_pairs], strict=True)
+    mcnemar_ps = [mcnemar(y_true, a, b, num_classes)["p_value"] for a, b in pairs]
+    return {
+        "diff": float(np.mean(cell_values) - np.mean(base_values)),
+        "low": low,
+        "high": high,
+        "p_value": _bootstrap_p_value(diffs),
+        "mcnemar_p": float(max(mcnemar_ps)),
+        "mcnemar_p_per_pair": mcnemar_ps,
+        "baseline_mean": float(np.mean(base_values)),
+        "cell_mean": float(np.mean(cell_values)),
+        "seed_diffs": [c - b for b, c in zip(base_values, cell_values, strict=True)] if paired else None,
+        "paired_seeds": paired,
+        "n_seeds": int(n_cell),
+        "n_baseline_seeds": int(n_base),
+        "n_boot": int(n_boot),
+        "confidence": float(confidence),
+        "metric": metric,
+        "method": "paired " + BOOTSTRAP_METHOD + ", seeds averaged; McNemar per seed pair",
+    }
+
+
+def format_estimate(est: float, low: float, high: float, digits: int = 3) -> str:
+    """An estimate with its interval, e.g. "0.912 [0.905, 0.918]"."""
+    return f"{est:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"

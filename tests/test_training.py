@@ -1,0 +1,535 @@
+"""Loops, metrics and the distillation loss, checked against scikit-learn, torch's own functions and
+re-runs of the same training; tiny models and data so the file runs in seconds on a CPU."""
+
+import copy
+import dataclasses
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from torch import nn
+
+import config
+import training
+from model import SimpleCNN
+from training import (
+    DivergenceError,
+    build_optimizer,
+    build_scheduler,
+    compute_metrics,
+    eval_epoch,
+    evaluate,
+    fit,
+    kd_loss,
+    predict,
+    train_epoch,
+)
+
+LABELS = list(range(10))
+TIMING_KEYS = {"seconds", "train_seconds", "train_images_per_s"}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+class TinyLoader:
+    """In-memory batches with a shuffle generator and state_dict, like the project's DeviceLoader."""
+
+    def __init__(self, x, y, batch_size, seed=0, shuffle=True):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i : i + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+def learnable_data(n=96, seed=0, noise=0.5):
+    """Each class is a fixed random image template plus noise: (n, 3, 32, 32) float, (n,) int64."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(10, 3, 32, 32, generator=g)
+    y = torch.arange(n) % 10
+    x = templates[y] + noise * torch.randn(n, 3, 32, 32, generator=g)
+    return x, y
+
+
+def tiny_net(seed=0):
+    """A small conv net with BN (buffers) and dropout (draws from the global RNG)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 10),
+    )
+
+
+def tiny_cfg(**overrides):
+    fields = dict(epochs=3, batch_size=16, lr=1e-2, optimizer="adam", scheduler="none")
+    return config.TrainConfig(**{**fields, **overrides})
+
+
+def loaders(n=64, batch_size=16, seed=0):
+    x, y = learnable_data(n, seed=seed)
+    xv, yv = learnable_data(32, seed=seed)
+    return TinyLoader(x, y, batch_size, seed=seed), TinyLoader(xv, yv, 32, shuffle=False)
+
+
+def without_timing(history):
+    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in history]
+
+
+# --- compute_metrics vs scikit-learn -------------------------------------------------------------
+
+
+def sklearn_metrics(y_true, y_pred):
+    ref = {"accuracy": accuracy_score(y_true, y_pred)}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=LABELS, average=average, zero_division=0
+        )
+        ref |= {f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average=None, zero_division=0)
+    ref |= {"precision_per_class": p, "recall_per_class": r, "f1_per_class": f, "support": s}
+    ref["confusion_matrix"] = sk_confusion_matrix(y_true, y_pred, labels=LABELS)
+    return ref
+
+
+def assert_matches_sklearn(y_true, y_pred, ours):
+    ref = sklearn_metrics(np.asarray(y_true), np.asarray(y_pred))
+    assert set(ours) == set(ref)
+    for key, expected in ref.items():
+        np.testing.assert_allclose(np.asarray(ours[key], dtype=float), np.asarray(expected, dtype=float),
+                                   rtol=1e-12, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compute_metrics_matches_sklearn_on_random_labels(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    # Skewed class shares, so weighted and macro averages differ.
+    y_true = rng.choice(10, size=n, p=np.arange(1, 11) / 55)
+    y_pred = np.where(rng.random(n) < 0.6, y_true, rng.integers(0, 10, size=n))
+    ours = compute_metrics(torch.from_numpy(y_true) if seed % 2 else y_true, y_pred)
+    assert_matches_sklearn(y_true, y_pred, ours)
+
+
+EDGE_CASES = {
+    "class never predicted": ([0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 4, 4, 4, 5, 6, 7, 8, 9]),
+    "class absent from y_true": ([0, 0, 1, 1, 2, 2], [0, 9, 1, 1, 2, 0]),
+    "all correct": (list(range(10)) * 3, list(range(10)) * 3),
+    "single class, all correct": ([4] * 7, [4] * 7),
+    "single class, all wrong": ([4] * 7, [2] * 7),
+}
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_compute_metrics_matches_sklearn_on_edge_cases(case):
+    y_true, y_pred = EDGE_CASES[case]
+    assert_matches_sklearn(y_true, y_pred, compute_metrics(y_true, y_pred))
+
+
+def test_compute_metrics_is_json_ready_plain_python():
+    metrics = compute_metrics(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 2, 2, 2]))
+    json.dumps(metrics)
+    assert type(metrics["accuracy"]) is float
+    assert all(type(n) is int for n in metrics["support"])
+    assert all(type(n) is int for row in metrics["confusion_matrix"] for n in row)
+
+
+def test_compute_metrics_rejects_labels_outside_the_classes():
+    with pytest.raises(ValueError, match="0..9"):
+        compute_metrics([0, 1, 10], [0, 1, 2])
+    with pytest.raises(ValueError):
+        compute_metrics([0, 1], [0, 1, 2])
+
+
+# --- kd_loss ------------------------------------------------------------------------------------
+
+
+def reference_kd(s, t, y, T, alpha, label_smoothing=0.0):
+    # KL(p_t || p_s) summed over classes, averaged over the batch, from the probabilities directly.
+    p_t = torch.softmax(t / T, dim=1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, dim=1))).sum(dim=1).mean()
+    return alpha * T**2 * kl + (1 - alpha) * F.cross_entropy(s, y, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("T,alpha", [(4.0, 0.7), (1.0, 0.5), (2.5, 0.3)])
+def test_kd_loss_matches_direct_formula(T, alpha):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 10, generator=g, dtype=torch.float64), torch.randn(8, 10, generator=g) * 3
+    y = torch.randint(0, 10, (8,), generator=g)
+    ours = kd_loss(s.float(), t, y, T=T, alpha=alpha)
+    torch.testing.assert_close(ours, reference_kd(s, t.double(), y, T, alpha).float())
+
+
+def test_kd_loss_alpha_edges_and_temperature_scaling():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+    # alpha = 0: plain cross-entropy (with its label smoothing).
+    torch.testing.assert_close(kd_loss(s, t, y, alpha=0.0, label_smoothing=0.1),
+                               F.cross_entropy(s, y, label_smoothing=0.1))
+    # alpha = 1: T^2 times torch's batchmean KL of the softened distributions.
+    for T in (1.0, 2.0, 4.0):
+        kl = F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="batchmean")
+        torch.testing.assert_close(kd_loss(s, t, y, T=T, alpha=1.0), T**2 * kl)
+    # The same logits for student and teacher: no distillation term left.
+    torch.testing.assert_close(kd_loss(s, s, y, alpha=1.0), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_kd_loss_gradient_reaches_only_the_student():
+    s = torch.randn(4, 10, requires_grad=True)
+    t = torch.randn(4, 10, requires_grad=True)
+    kd_loss(s, t.detach(), torch.tensor([0, 1, 2, 3])).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+# --- optimizers and schedules -----------------------------------------------------------------
+
+
+def test_all_optimizers_build_with_the_config_settings():
+    net = tiny_net()
+    adam = build_optimizer(net, tiny_cfg(optimizer="adam", lr=3e-3, weight_decay=1e-4))
+    assert type(adam) is torch.optim.Adam
+    assert adam.defaults["lr"] == 3e-3 and adam.defaults["weight_decay"] == 1e-4
+    adamw = build_optimizer(net, tiny_cfg(optimizer="adamw", weight_decay=5e-2))
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 5e-2
+    sgd_cfg = tiny_cfg(optimizer="sgd", lr=0.05, momentum=0.8, nesterov=True, weight_decay=5e-4)
+    sgd = build_optimizer(net, sgd_cfg)
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.defaults["nesterov"] is True and sgd.defaults["momentum"] == 0.8
+    assert sgd.defaults["weight_decay"] == 5e-4
+    n_params = len(list(net.parameters()))
+    assert all(len(opt.param_groups[0]["params"]) == n_params for opt in (adam, adamw, sgd))
+    with pytest.raises(config.ConfigError, match="momentum"):
+        build_optimizer(net, tiny_cfg(optimizer="sgd", momentum=0.0, nesterov=True))
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine"])
+def test_schedulers_step_the_lr_every_batch(name):
+    cfg = tiny_cfg(scheduler=name, epochs=2, lr=0.1, optimizer="sgd")
+    train_loader, _ = loaders(n=80)  # 5 batches
+    net = tiny_net()
+    optimizer = build_optimizer(net, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+
+    # The same torch scheduler class on a dummy optimizer, stepped by hand once per batch.
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    if name == "onecycle":
+        ref = torch.optim.lr_scheduler.OneCycleLR(dummy, max_lr=0.1, total_steps=10)
+    else:
+        ref = torch.optim.lr_scheduler.CosineAnnealingLR(dummy, T_max=10)
+    start_lr = optimizer.param_groups[0]["lr"]
+    assert start_lr == pytest.approx(ref.get_last_lr()[0])
+    for _ in range(len(train_loader)):
+        dummy.step()  # no gradients: moves nothing, keeps torch's call order
+        ref.step()
+    train_epoch(net, train_loader, optimizer, "cpu", scheduler=scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(ref.get_last_lr()[0])
+    assert optimizer.param_groups[0]["lr"] != pytest.approx(start_lr)
+
+
+def test_no_scheduler_for_none():
+    net = tiny_net()
+    assert build_scheduler(build_optimizer(net, tiny_cfg()), tiny_cfg(), 5) is None
+
+
+def test_fit_records_the_scheduled_lr_of_each_epoch():
+    cfg = tiny_cfg(scheduler="cosine", epochs=3, lr=0.05)
+    train_loader, val_loader = loaders(n=48)  # 3 batches an epoch, 9 steps in all
+    result = fit(tiny_net(), train_loader, val_loader, cfg, "cpu")
+    expected = [0.05 * (1 + math.cos(math.pi * step / 9)) / 2 for step in (0, 3, 6)]
+    assert [r["lr"] for r in result["history"]] == pytest.approx(expected)
+
+
+# --- loops ------------------------------------------------------------------------------------
+
+
+def test_fit_learns_a_learnable_problem_with_simplecnn():
+    torch.manual_seed(0)
+    net = SimpleCNN()
+    train_loader, val_loader = loaders(n=96, batch_size=32)
+    result = fit(net, train_loader, val_loader, tiny_cfg(epochs=5, lr=3e-3), "cpu")
+    history = result["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert max(r["val_accuracy"] for r in history) > 0.3  # chance is 0.1
+    assert result["best_val_f1_macro"] == max(r["val_f1_macro"] for r in history)
+    assert result["seconds_per_epoch"] == [r["seconds"] for r in history]
+    assert all(r["train_images_per_s"] > 0 for r in history)
+
+
+def test_train_epoch_reports_images_and_summed_statistics():
+    x, y = learnable_data(40)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]  # 16, 16, 8 images
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():  # train-mode BN uses batch statistics, as inside the loop
+        logits = [net.train()(bx) for bx, _ in batches]
+    logits, labels = torch.cat(logits), y[:40]  # (40, 10), (40,)
+    expected_loss = F.cross_entropy(logits, labels, reduction="sum")
+    expected_correct = (logits.argmax(1) == labels).sum()
+
+    class Frozen(torch.optim.SGD):  # never moves the weights, so every batch's loss is known in advance
+        def step(self, closure=None):
+            return None
+
+    stats = train_epoch(net, batches, Frozen(net.parameters(), lr=0.1), "cpu")
+    assert stats["images"] == 40 and stats["seconds"] > 0
+    assert stats["loss"] == pytest.approx(expected_loss.item() / 40, rel=1e-6)
+    assert stats["accuracy"] == pytest.approx(expected_correct.item() / 40)
+
+
+def test_progress_bar_shows_the_epoch_and_the_running_loss(capsys):
+    x, y = learnable_data(4)
+    batches = [(x, y)] * training.CHECK_EVERY  # reaches the periodic check that updates the bar
+    net = tiny_net()
+    train_epoch(net, batches, build_optimizer(net, tiny_cfg()), "cpu", epoch=3, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 3" in err and "loss=" in err
+    train_epoch(net, batches[:2], build_optimizer(net, tiny_cfg()), "cpu", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_epoch_and_evaluate_match_direct_computation():
+    x, y = learnable_data(50)
+    loader = [(x[i : i + 20], y[i : i + 20]) for i in range(0, 50, 20)]
+    net = tiny_net()
+    net.train()
+    with torch.no_grad():
+        logits = net.eval()(x)
+    net.train()
+    result = eval_epoch(net, loader, "cpu", label_smoothing=0.1)
+    assert net.training  # the caller's mode is restored
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-5)
+    assert torch.equal(result["y_true"], y) and torch.equal(result["y_pred"], logits.argmax(1))
+    assert result["accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+
+    y_true, y_pred, out = predict(net, loader, "cpu")
+    torch.testing.assert_close(out, logits)
+    metrics = evaluate(net, loader, "cpu")
+    assert torch.equal(metrics.pop("predictions"), y_pred) and torch.equal(metrics.pop("targets"), y_true)
+    assert metrics.pop("loss") == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert metrics == compute_metrics(y_true, y_pred)
+
+
+def test_fit_restores_the_weights_of_the_best_validation_epoch(monkeypatch):
+    scripted_f1 = iter([0.2, 0.9, 0.5])
+    real = training.compute_metrics
+
+    def scripted(y_true, y_pred, num_classes=10):
+        return {**real(y_true, y_pred, num_classes), "f1_macro": next(scripted_f1)}
+
+    monkeypatch.setattr(training, "compute_metrics", scripted)
+    net = tiny_net()
+    snapshots = {}
+    train_loader, val_loader = loaders()
+
+    def snapshot(epoch, record):
+        snapshots[epoch] = copy.deepcopy(net.state_dict())
+
+    result = fit(net, train_loader, val_loader, tiny_cfg(epochs=3), "cpu", on_epoch_end=snapshot)
+    assert result["best_epoch"] == 2 and result["best_val_f1_macro"] == 0.9
+    assert [r["val_f1_macro"] for r in result["history"]] == [0.2, 0.9, 0.5]
+    final = net.state_dict()
+    assert all(torch.equal(final[k], snapshots[2][k]) for k in final)
+    assert not all(torch.equal(final[k], snapshots[3][k]) for k in final)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "none"])
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, scheduler):
+    cfg = tiny_cfg(epochs=3, scheduler=scheduler)
+
+    net = tiny_net(seed=0)
+    full = fit(net, *loaders(), cfg, "cpu")
+    full_state = net.state_dict()
+
+    def crash_after_first_epoch(epoch, record):
+        if epoch == 1:
+            raise Crash
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(Crash):
+        fit(tiny_net(seed=0), *loaders(), cfg, "cpu", checkpoint_path=path,
+            on_epoch_end=crash_after_first_epoch)
+    assert path.exists()
+
+    # A fresh process: a differently initialised model, fresh loaders, another global RNG state.
+    resumed_net = tiny_net(seed=7)
+    resumed = fit(resumed_net, *loaders(), cfg, "cpu", checkpoint_path=path)
+    assert resumed["resumed_from_epoch"] == 1
+    assert without_timing(resumed["history"]) == without_timing(full["history"])
+    assert resumed["best_epoch"] == full["best_epoch"]
+    resumed_state = resumed_net.state_dict()
+    assert all(torch.equal(resumed_state[k], full_state[k]) for k in full_state)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    path = tmp_path / "run.pt"
+    fit(tiny_net(), *loaders(), tiny_cfg(epochs=1), "cpu", checkpoint_path=path)
+    with pytest.raises(config.ConfigError, match="lr"):
+        fit(tiny_net(), *loaders(), tiny_cfg(epochs=1, lr=0.5), "cpu", checkpoint_path=path)
+
+
+def test_finished_checkpoint_skips_training_and_restores_best_weights(tmp_path):
+    path = tmp_path / "run.pt"
+    cfg = tiny_cfg(epochs=2)
+    net = tiny_net()
+    first = fit(net, *loaders(), cfg, "cpu", checkpoint_path=path)
+    again_net = tiny_net(seed=5)
+    again = fit(again_net, *loaders(), cfg, "cpu", checkpoint_path=path)
+    assert again["history"] == first["history"] and again["resumed_from_epoch"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again_net.state_dict().values(),
+                                                 strict=True))
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+
+class NaNLoader:
+    """Tiny batches; the batch at ``nan_step`` (1-based) of iteration ``nan_epoch`` holds a NaN."""
+
+    def __init__(self, n_batches, nan_step, nan_epoch=1):
+        self.n_batches, self.nan_step, self.nan_epoch = n_batches, nan_step, nan_epoch
+        self.iterations, self.consumed = 0, 0
+        self.x, self.y = learnable_data(4)
+
+    def __len__(self):
+        return self.n_batches
+
+    def __iter__(self):
+        self.iterations += 1
+        for step in range(1, self.n_batches + 1):
+            self.consumed += 1
+            x = self.x.clone()
+            if self.iterations == self.nan_epoch and step == self.nan_step:
+                x[0, 0, 0, 0] = float("nan")
+            yield x, self.y
+
+
+def test_injected_nan_raises_divergence_naming_epoch_and_step():
+    net = tiny_net()
+    with pytest.raises(DivergenceError) as info:
+        train_epoch(net, NaNLoader(5, nan_step=3), build_optimizer(net, tiny_cfg()), "cpu", epoch=4)
+    err = info.value
+    assert (err.epoch, err.step) == (4, 3) and math.isnan(err.value)
+    assert "epoch 4" in str(err) and "step 3" in str(err) and "lower learning rate" in str(err)
+    # It survives pickling (worker processes hand errors back that way).
+    clone = pickle.loads(pickle.dumps(err))
+    assert (clone.epoch, clone.step, str(clone)) == (4, 3, str(err))
+
+
+def test_divergence_stops_at_the_next_periodic_check():
+    net = tiny_net()
+    loader = NaNLoader(3 * training.CHECK_EVERY, nan_step=7)
+    with pytest.raises(DivergenceError) as info:
+        train_epoch(net, loader, build_optimizer(net, tiny_cfg()), "cpu")
+    assert info.value.step == 7
+    assert loader.consumed == training.CHECK_EVERY
+
+
+def test_fit_names_the_epoch_where_the_loss_diverged():
+    val_x, val_y = learnable_data(8)
+    with pytest.raises(DivergenceError) as info:
+        fit(tiny_net(), NaNLoader(4, nan_step=2, nan_epoch=2), [(val_x, val_y)], tiny_cfg(), "cpu")
+    assert (info.value.epoch, info.value.step) == (2, 2)
+
+
+def test_huge_learning_rate_diverges():
+    with pytest.raises(DivergenceError, match=r"epoch \d+ at step \d+"):
+        fit(tiny_net(), *loaders(), tiny_cfg(optimizer="sgd", lr=1e6, epochs=5), "cpu")
+
+
+# --- distillation -----------------------------------------------------------------------------
+
+
+def test_fit_distils_from_a_frozen_teacher():
+    teacher = tiny_net(seed=3)
+    teacher.train()
+    before = copy.deepcopy(teacher.state_dict())
+    student = tiny_net(seed=4)
+    cfg = tiny_cfg(epochs=2, kd_alpha=0.7, kd_temperature=4.0)
+    result = fit(student, *loaders(), cfg, "cpu", teacher=teacher)
+    assert len(result["history"]) == 2 and all(math.isfinite(r["train_loss"]) for r in result["history"])
+    assert not teacher.training  # frozen in eval mode: BN running stats untouched
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_distillation_with_alpha_zero_is_plain_cross_entropy_training():
+    # Without dropout the two runs see identical batches, so their losses must agree exactly.
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10))
+
+    batches = list(TinyLoader(*learnable_data(48), 16))
+    plain_net, kd_net = net(), net()
+    plain = train_epoch(plain_net, batches, build_optimizer(plain_net, tiny_cfg()), "cpu")
+    kd = train_epoch(kd_net, batches, build_optimizer(kd_net, tiny_cfg()), "cpu",
+                     teacher=tiny_net(seed=9), kd_alpha=0.0)
+    assert kd["loss"] == plain["loss"]
+    other_net = net()
+    alpha_one = train_epoch(other_net, batches, build_optimizer(other_net, tiny_cfg()), "cpu",
+                            teacher=tiny_net(seed=9), kd_alpha=1.0)
+    assert alpha_one["loss"] != plain["loss"]
+
+
+# --- CUDA paths -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: bf16 autocast and channels_last run only on GPU"
+)
+def test_cuda_runs_bf16_autocast_on_channels_last():
+    torch.manual_seed(0)
+    net = SimpleCNN()
+    dtypes = []
+    net.classifier.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    # CPU batches, as a torch DataLoader hands them: fit moves them to the device.
+    train_loader, val_loader = loaders(n=96, batch_size=32)
+    cfg = tiny_cfg(epochs=2, lr=3e-3)
+    result = fit(net, train_loader, val_loader, cfg, "cuda", teacher=tiny_net(seed=1))
+    assert torch.bfloat16 in dtypes
+    conv = net.features[0].weight
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+    assert all(math.isfinite(r["train_loss"]) for r in result["history"])
+    y_true, y_pred, logits = predict(net, val_loader, "cuda")
+    assert logits.dtype == torch.float32 and logits.shape == (32, 10)
+    metrics = evaluate(net, val_loader, "cuda")
+    assert metrics["f1_macro"] == compute_metrics(y_true, y_pred)["f1_macro"]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: torch.compile is exercised on GPU only"
+)
+def test_cuda_compiled_training_keeps_plain_state_dict_keys(tmp_path):
+    torch.manual_seed(0)
+    net = SimpleCNN()
+    cfg = dataclasses.replace(tiny_cfg(epochs=1), compile=True)
+    fit(net, *loaders(n=64, batch_size=32), cfg, "cuda", checkpoint_path=tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert set(saved["model"]) == set(SimpleCNN().state_dict())

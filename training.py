@@ -1,0 +1,511 @@
+"""Training and evaluation loops, metrics and the distillation loss.
+
+Works with any model and any loader that yields ``(x, y)`` batches: the project's DeviceLoader
+(normalized float32 (B, 3, 32, 32) and int64 (B,) already on the device) or a torch DataLoader
+(CPU tensors, moved here). The hot loop never waits for the device: losses and correct counts are
+summed on the device and read once per epoch (plus one small read every ``CHECK_EVERY`` steps to
+stop a diverged run early). On CUDA the forward pass runs in bfloat16 autocast on channels_last
+tensors; on the CPU everything stays float32, so CPU runs are bit-for-bit reproducible and resumable.
+
+Randomness comes from the caller: seed the globals (``data_loading.set_seed``) before building the
+model; the loaders own their generators. Nothing here reseeds anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import atomic_io
+import config
+
+# A diverged loss is looked for on the host every this many steps (one tiny device read each).
+CHECK_EVERY = 50
+CHECKPOINT_FORMAT = 1
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite; names the epoch and the step (1-based, within the epoch)."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        self.epoch, self.step, self.value = epoch, step, value
+        super().__init__(
+            f"training diverged in epoch {epoch} at step {step}: loss = {value}; "
+            f"try a lower learning rate (lr)"
+        )
+
+    def __reduce__(self):
+        # Rebuild from the three fields, so the error survives pickling (worker processes, Optuna).
+        return (type(self), (self.epoch, self.step, self.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and losses
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_label_tensor(values) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.detach().reshape(-1).long()
+    return torch.as_tensor(np.array(values)).reshape(-1).long()
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # scikit-learn's zero_division=0: an undefined ratio counts as 0.
+    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int = config.NUM_CLASSES) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts on the labels' device; rows are true, columns predicted."""
+    y_true, y_pred = _as_label_tensor(y_true), _as_label_tensor(y_pred)
+    y_pred = y_pred.to(y_true.device)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {y_true.numel()} labels but y_pred has {y_pred.numel()}")
+    if y_true.numel() == 0:
+        raise ValueError("no labels to score")
+    both = torch.cat([y_true, y_pred])
+    lo, hi = torch.stack([both.min(), both.max()]).tolist()  # one host read
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got values in {lo}..{hi}")
+    counts = torch.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def compute_metrics(y_true, y_pred, num_classes: int = config.NUM_CLASSES) -> dict:
+    """Accuracy, macro/weighted and per-class precision, recall and F1, support and the confusion
+    matrix, as plain Python numbers (JSON-ready).
+
+    Same semantics as scikit-learn's ``precision_recall_fscore_support`` with
+    ``labels=range(num_classes)`` and ``zero_division=0``: a class never predicted has precision 0,
+    a class absent from ``y_true`` has recall 0, and both count in the macro average.
+    Accepts numpy arrays, lists or tensors on any device.
+    """
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    counts = cm.cpu().double()  # (K, K), tiny: the rest is cheap on the host
+    tp = counts.diagonal()
+    support = counts.sum(dim=1)  # true samples per class
+    predicted = counts.sum(dim=0)  # predictions per class
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    # 2PR / (P + R) = 2 TP / (support + predicted); 0 for a class neither present nor predicted.
+    f1 = _safe_div(2 * tp, support + predicted)
+    total = support.sum()
+
+    def weighted(values: torch.Tensor) -> float:
+        return float((values * support).sum() / total)
+
+    return {
+        "accuracy": float(tp.sum() / total),
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "precision_weighted": weighted(precision),
+        "recall_weighted": weighted(recall),
+        "f1_weighted": weighted(f1),
+        "precision_per_class": precision.tolist(),
+        "recall_per_class": recall.tolist(),
+        "f1_per_class": f1.tolist(),
+        "support": [int(n) for n in support.tolist()],
+        "confusion_matrix": cm.cpu().tolist(),
+    }
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    T: float = 4.0,
+    alpha: float = 0.7,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Hinton distillation: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+
+    The KL term is averaged over the batch ("batchmean"); T^2 keeps its gradients on the scale of
+    the cross-entropy's. Logits (B, C) are promoted to float32 (they are bfloat16 under autocast).
+    """
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    log_p_student = F.log_softmax(student_logits / T, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / T, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
+    return alpha * T * T * kl + (1.0 - alpha) * ce
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, cfg: config.TrainConfig) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (momentum, optional Nesterov) with cfg.lr and cfg.weight_decay on every
+    parameter; the fused CUDA kernels when the model lives on CUDA, the foreach ones otherwise."""
+    params = list(model.parameters())
+    on_cuda = params[0].device.type == "cuda"
+    speed = {"fused": True} if on_cuda else {"foreach": True}
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **speed)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **speed)
+    if cfg.optimizer == "sgd":
+        if cfg.nesterov and cfg.momentum <= 0:
+            raise config.ConfigError(f"nesterov needs a positive momentum, got {cfg.momentum}")
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay, **speed,
+        )
+    raise config.ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {config.OPTIMIZERS}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: config.TrainConfig, steps_per_epoch: int):
+    """None for "none"; OneCycleLR (peak cfg.lr) or CosineAnnealingLR over every step of the run.
+
+    Both are stepped once per batch, so ``steps_per_epoch`` must be the train loader's length.
+    """
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.scheduler == "none":
+        return None
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    raise config.ConfigError(f"unknown scheduler {cfg.scheduler!r}; choose one of {config.SCHEDULERS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loops
+# ---------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prepare(model: nn.Module, device: torch.device) -> None:
+    # channels_last lets cuDNN pick its fastest convolutions; a no-op once converted.
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device,
+    *,
+    scheduler=None,
+    label_smoothing: float = 0.0,
+    teacher: nn.Module | None = None,
+    kd_temperature: float = 4.0,
+    kd_alpha: float = 0.7,
+    epoch: int = 1,
+    progress: bool = False,
+) -> dict:
+    """One pass over ``loader``; the scheduler (if any) steps after every batch.
+
+    With a ``teacher`` the loss is ``kd_loss`` against the frozen teacher's logits on the same batch.
+    Returns {"loss": mean train loss, "accuracy", "images", "seconds"}. Raises DivergenceError when
+    a loss is NaN or infinite (checked every CHECK_EVERY steps and at the end of the epoch).
+    """
+    device = torch.device(device)
+    model.train()
+    _prepare(model, device)
+    if teacher is not None:
+        teacher.eval()
+        _prepare(teacher, device)
+    loss_sum = torch.zeros((), device=device)  # sum over samples of the per-sample loss
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, -1 if none
+    bad_value = torch.zeros((), device=device)
+    images = 0
+    _synchronize(device)
+    start = time.perf_counter()
+    with tqdm(loader, total=_length(loader), desc=f"epoch {epoch}", disable=not progress, leave=False) as bar:
+        for step, (x, y) in enumerate(bar, start=1):
+            x, y = _to_device(x, y, device)
+            with _autocast(device):
+                logits = model(x)  # (B, C)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+            if teacher is None:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            else:
+                loss = kd_loss(logits, teacher_logits, y, kd_temperature, kd_alpha, label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+
+            loss = loss.detach()
+            first_bad = ~torch.isfinite(loss) & (bad_step < 0)
+            bad_step = torch.where(first_bad, step, bad_step)
+            bad_value = torch.where(first_bad, loss, bad_value)
+            loss_sum += loss * x.shape[0]
+            correct += (logits.argmax(dim=1) == y).sum()
+            images += x.shape[0]
+            if step % CHECK_EVERY == 0:
+                _raise_if_diverged(epoch, bad_step, bad_value)
+                if progress:
+                    bar.set_postfix(loss=f"{loss_sum.item() / images:.4f}")
+    if images == 0:
+        raise ValueError("the train loader yielded no batches")
+    _raise_if_diverged(epoch, bad_step, bad_value)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "loss": loss_sum.item() / images,
+        "accuracy": correct.item() / images,
+        "images": images,
+        "seconds": seconds,
+    }
+
+
+def _raise_if_diverged(epoch: int, bad_step: torch.Tensor, bad_value: torch.Tensor) -> None:
+    step = int(bad_step)  # the one host read
+    if step >= 0:
+        raise DivergenceError(epoch, step, float(bad_value))
+
+
+@torch.no_grad()
+def _forward_all(model: nn.Module, loader: Iterable, device, label_smoothing: float = 0.0):
+    """(y_true, y_pred, logits, loss_sum): everything stays on the device until one copy at the end."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    _prepare(model, device)
+    targets, logits_list = [], []
+    loss_sum = torch.zeros((), device=device)
+    with _autocast(device):
+        for x, y in loader:
+            x, y = _to_device(x, y, device)
+            logits = model(x).float()  # (B, C)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
+            targets.append(y)
+            logits_list.append(logits)
+    model.train(was_training)
+    if not targets:
+        raise ValueError("the evaluation loader yielded no batches")
+    logits = torch.cat(logits_list).cpu()  # (N, C)
+    y_true = torch.cat(targets).cpu()  # (N,)
+    return y_true, logits.argmax(dim=1), logits, loss_sum.item()
+
+
+def predict(model: nn.Module, loader: Iterable, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_true (N,), y_pred (N,), logits (N, C) float32) over the loader, as CPU tensors.
+
+    The model runs in eval mode (its previous mode is restored afterwards)."""
+    y_true, y_pred, logits, _ = _forward_all(model, loader, device)
+    return y_true, y_pred, logits
+
+
+def eval_epoch(model: nn.Module, loader: Iterable, device, label_smoothing: float = 0.0) -> dict:
+    """{"loss": mean cross-entropy, "accuracy", "y_true", "y_pred"} (label CPU tensors)."""
+    y_true, y_pred, _, loss_sum = _forward_all(model, loader, device, label_smoothing)
+    n = y_true.numel()
+    return {
+        "loss": loss_sum / n,
+        "accuracy": (y_true == y_pred).sum().item() / n,
+        "y_true": y_true,
+        "y_pred": y_pred,
+    }
+
+
+def evaluate(model: nn.Module, loader: Iterable, device) -> dict:
+    """compute_metrics plus "loss" (mean cross-entropy) for the whole loader.
+
+    Two more keys hold the raw labels in loader order, as CPU int64 tensors (drop them before
+    writing JSON): "predictions" and "targets".
+    """
+    result = eval_epoch(model, loader, device)
+    metrics = compute_metrics(result["y_true"], result["y_pred"])
+    return {**metrics, "loss": result["loss"], "predictions": result["y_pred"], "targets": result["y_true"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run: fit with best-epoch selection and resumable checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _loader_states(train_loader, val_loader) -> dict:
+    loaders = {"train": train_loader, "val": val_loader}
+    return {name: loader.state_dict() for name, loader in loaders.items() if hasattr(loader, "state_dict")}
+
+
+def _rng_state(device: torch.device) -> dict:
+    # The global generators drive dropout (and anything else the model draws).
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What fit carries from epoch to epoch (and through a checkpoint)."""
+
+    epoch: int = 0  # last finished epoch
+    history: list = dataclasses.field(default_factory=list)
+    best_state: dict | None = None
+    best_epoch: int = 0
+    best_f1: float = -1.0
+
+
+def _save_checkpoint(path, cfg, model, optimizer, scheduler, state: _RunState, loaders, device) -> None:
+    atomic_io.atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "config": dataclasses.asdict(cfg),
+            "epoch": state.epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "history": state.history,
+            "best_state": state.best_state,
+            "best_epoch": state.best_epoch,
+            "best_f1": state.best_f1,
+            "loader_states": _loader_states(*loaders),
+            "rng": _rng_state(device),
+        },
+        path,
+    )
+
+
+def _load_checkpoint(path, cfg, model, optimizer, scheduler, loaders) -> _RunState:
+    # The checkpoint holds only tensors and plain containers, so the safe weights_only loader reads it.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved_cfg = ckpt["config"]
+    if saved_cfg != dataclasses.asdict(cfg):
+        changed = sorted(k for k in saved_cfg.keys() | dataclasses.asdict(cfg).keys()
+                         if saved_cfg.get(k) != getattr(cfg, k, None))
+        raise config.ConfigError(
+            f"checkpoint {path} belongs to another configuration (fields {changed} differ); "
+            f"delete it or resume with the same TrainConfig"
+        )
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    for name, loader in zip(("train", "val"), loaders, strict=True):
+        if name in ckpt["loader_states"]:
+            loader.load_state_dict(ckpt["loader_states"][name])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return _RunState(ckpt["epoch"], ckpt["history"], ckpt["best_state"], ckpt["best_epoch"], ckpt["best_f1"])
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    cfg: config.TrainConfig,
+    device,
+    *,
+    teacher: nn.Module | None = None,
+    checkpoint_path: str | Path | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train for cfg.epochs, pick the epoch with the best validation macro-F1 and restore its weights.
+
+    Optimizer, schedule, label smoothing and distillation settings come from ``cfg``; with a
+    ``teacher`` the loss is ``kd_loss``. With ``checkpoint_path`` the whole state (weights, optimizer,
+    scheduler, history, best weights, loader generators, global RNG) is saved atomically after every
+    epoch, and a run that finds the file resumes after its last finished epoch: on the CPU the resumed
+    run ends with exactly the weights and history (timings aside) of an uninterrupted one.
+    ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoint; it may raise to stop the run
+    (e.g. Optuna pruning), in which case the last epoch's weights stay on the model.
+
+    Returns {"history": [record per epoch], "best_epoch", "best_val_f1_macro", "seconds_per_epoch",
+    "resumed_from_epoch"}; a record holds epoch, train_loss, train_accuracy, val_loss, val_accuracy,
+    val_f1_macro, lr (at the epoch's first step), seconds (train + validation), train_seconds and
+    train_images_per_s.
+    """
+    device = torch.device(device)
+    model.to(device)
+    _prepare(model, device)  # before the optimizer builds its state in the same memory format
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    loaders = (train_loader, val_loader)
+    state = _RunState()
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = _load_checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, loaders)
+    resumed_from = state.epoch
+    train_model = torch.compile(model) if cfg.compile else model
+
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        lr = float(optimizer.param_groups[0]["lr"])
+        train = train_epoch(
+            train_model, train_loader, optimizer, device, scheduler=scheduler,
+            label_smoothing=cfg.label_smoothing, teacher=teacher, kd_temperature=cfg.kd_temperature,
+            kd_alpha=cfg.kd_alpha, epoch=epoch, progress=progress,
+        )
+        start = time.perf_counter()
+        val = eval_epoch(model, val_loader, device, label_smoothing=cfg.label_smoothing)
+        f1 = compute_metrics(val["y_true"], val["y_pred"])["f1_macro"]
+        record = {
+            "epoch": epoch,
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_f1_macro": f1,
+            "lr": lr,
+            "seconds": train["seconds"] + time.perf_counter() - start,
+            "train_seconds": train["seconds"],
+            "train_images_per_s": train["images"] / max(train["seconds"], 1e-9),
+        }
+        state.history.append(record)
+        state.epoch = epoch
+        if f1 > state.best_f1:
+            state.best_state, state.best_epoch, state.best_f1 = _cpu_state(model), epoch, f1
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, state, loaders, device)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, copy.deepcopy(record))
+
+    model.load_state_dict(state.best_state)
+    return {
+        "history": state.history,
+        "best_epoch": state.best_epoch,
+        "best_val_f1_macro": state.best_f1,
+        "seconds_per_epoch": [r["seconds"] for r in state.history],
+        "resumed_from_epoch": resumed_from,
+    }

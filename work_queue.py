@@ -1,0 +1,478 @@
+"""A work queue of experiment cells on an Optuna storage, shared by any number of workers.
+
+A *cell* is a dict of JSON-able parameters (one training run) with a unique string key. The
+process that builds the grid enqueues every cell once (`enqueue_cells`); workers, one per GPU or
+machine, each call `run_worker`, which takes the next waiting cell, runs it and stores its report
+in the storage, until no cell is left. Workers never enqueue new cells: concurrent
+``enqueue_trial(skip_if_exists=True)`` calls can add the same trial twice (Optuna issue #2925).
+
+Storage (`open_storage`): the journal file (default ``reports/optuna.journal``) is safe for
+several processes on one machine; a PostgreSQL (or MySQL) URL serves workers on many machines.
+SQLite is for one worker only: it lacks ``SELECT ... FOR UPDATE``, and several workers on it ran
+more trials than were queued and crashed (see the Optuna FAQ).
+
+Each cell is one Optuna trial. It is enqueued WAITING with ``params={}`` and the cell kept in
+its user attributes (``cell``, ``cell_key``, ``retries``). A worker claims it by moving it from
+WAITING to RUNNING, the same step ``Study.ask`` takes, which only one worker can win (the first
+log line on the journal, a row lock on a database). `Study.ask` itself would create a new empty
+trial when the queue is empty; claiming through the storage instead never makes spurious trials.
+The report returned by the cell's function is stored as user attribute ``report`` of the
+COMPLETE trial, so a summary can be built from the storage alone (`reports_from_storage`).
+
+Recovering the cell of a dead worker (killed, preempted, lost machine), on every storage alike:
+
+1. While a worker runs a cell, a background thread rewrites the trial's user attribute
+   ``heartbeat`` every ``heartbeat_interval`` seconds (Optuna's own heartbeats exist only for
+   RDB storages and ``Study.optimize``; a journal file has none).
+2. The same thread in every worker watches the other RUNNING trials. A trial whose heartbeat
+   has not changed for ``grace_period`` seconds of the watcher's own monotonic clock is stale.
+   Only changes are compared, never time stamps, so machines need no synchronised clocks.
+3. A watcher that finds a stale trial writes ``fail_reason`` on it and sets it FAIL. Only one
+   watcher can win that change (a finished trial can not be updated: the storage raises
+   ``UpdateFinishedTrialError`` for the others), and the winner enqueues the same cell again
+   with ``retries`` + 1 and ``retry_of`` = the failed trial's number.
+4. A cell whose worker died ``max_retries`` times is not enqueued again; its reason says so.
+   A cell whose function raised is FAIL with ``error`` and is not retried either (the error
+   would repeat); ``enqueue_cells(..., retry_failed=True)`` queues such cells again.
+5. An idle worker does not leave while other cells are RUNNING: it keeps watching them, so the
+   last cell of a dead worker is retried even when every other worker has run out of work. The
+   winner of step 3 does not leave between failing the trial and enqueueing its retry (a lock
+   between the worker and its thread), so it always finds the retry and runs it if nobody else
+   does. Only a winner killed inside that millisecond would leave the cell FAIL without a retry:
+   `queue_status` lists it, and ``enqueue_cells(..., retry_failed=True)`` queues it again.
+
+A worker that was only slow (its heartbeat stalled for longer than ``grace_period``) may find
+its cell retried by another worker; its own result is then refused by the storage and the retry
+stores the report. The cell function should therefore be idempotent (return the existing report
+when the run is already done), so a rare double run costs time but never a second result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+import config
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_NAME = "optuna.journal"
+# User attributes of a cell's trial.
+CELL_ATTR = "cell"
+KEY_ATTR = "cell_key"
+RETRIES_ATTR = "retries"
+RETRY_OF_ATTR = "retry_of"
+REPORT_ATTR = "report"
+HEARTBEAT_ATTR = "heartbeat"
+WORKER_ATTR = "worker"
+ERROR_ATTR = "error"
+FAIL_REASON_ATTR = "fail_reason"
+
+
+class QueueError(RuntimeError):
+    """The storage can not be opened, or the queue is used in a way it does not support."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+def default_storage_path() -> Path:
+    """The journal file used when no storage is named: ``<REPORTS_DIR>/optuna.journal``."""
+    return Path(config.REPORTS_DIR) / JOURNAL_NAME
+
+
+def open_storage(url: str | Path | None = None, *, connect_timeout: int = 5) -> BaseStorage:
+    """Open the queue's storage: a journal file, or a database given by an SQLAlchemy URL.
+
+    ``None`` -> the default journal file; a path, or ``journal://<path>`` -> that journal file;
+    ``sqlite:///<path>`` -> SQLite (one worker only); any other URL such as
+    ``postgresql+psycopg2://user:password@host:5432/db`` -> that database, failing within about
+    ``connect_timeout`` seconds with a `QueueError` when it can not be reached.
+    """
+    if url is None:
+        return _open_journal(default_storage_path())
+    text = str(url)
+    if isinstance(url, Path) or "://" not in text:
+        if text.endswith((".db", ".sqlite", ".sqlite3")):
+            raise QueueError(f"{text} looks like a SQLite file: open it as sqlite:///{text} (one worker)")
+        return _open_journal(Path(text))
+    if text.startswith("journal://"):
+        return _open_journal(Path(text.removeprefix("journal://")))
+    return _open_database(text, connect_timeout)
+
+
+def _open_journal(path: Path) -> JournalStorage:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as err:
+        raise QueueError(f"cannot open the journal file {path}: {err}") from err
+
+
+def _open_database(url: str, connect_timeout: int) -> RDBStorage:
+    import sqlalchemy  # an Optuna dependency; only database storages need it
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith(("postgresql", "mysql")):
+        # Without a timeout an unreachable server keeps a worker waiting for minutes.
+        engine_kwargs["connect_args"] = {"connect_timeout": connect_timeout}
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise QueueError(f"not a valid storage URL ({err}), e.g. postgresql+psycopg2://host/db") from err
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError as err:
+        raise QueueError(f"no database driver for {shown}: install it (e.g. psycopg2-binary)") from err
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        first_line = str(err.orig if getattr(err, "orig", None) else err).strip().splitlines()[0]
+        raise QueueError(
+            f"cannot reach the storage database {shown}: {first_line}. Check that the server is "
+            "running, the host, port, user and password, that the database exists, and that a "
+            "firewall lets this machine connect."
+        ) from err
+
+
+def _is_sqlite(storage: BaseStorage) -> bool:
+    return isinstance(storage, RDBStorage) and storage.url.startswith("sqlite")
+
+
+def _as_storage(storage: BaseStorage | str | Path | None) -> BaseStorage:
+    return storage if isinstance(storage, BaseStorage) else open_storage(storage)
+
+
+def _load_study(storage: BaseStorage, study_name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError as err:
+        raise QueueError(f"no study {study_name!r} in the storage: enqueue the cells first") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Enqueueing (one process only)
+
+
+def enqueue_cells(
+    storage: BaseStorage | str | Path | None,
+    study_name: str,
+    cells: Iterable[dict],
+    key: str | Callable[[dict], str] = KEY_ATTR,
+    *,
+    retry_failed: bool = False,
+) -> int:
+    """Create the study if needed and enqueue every cell not already in it; return how many were added.
+
+    ``key`` names the field holding each cell's unique string key (default ``"cell_key"``) or is
+    a function of the cell. A cell is present when any trial of the study, in any state, has its
+    key. With ``retry_failed`` a cell whose trials all FAILed is enqueued again. Call this from
+    one process (the one that builds the grid), never from the workers.
+    """
+    storage = _as_storage(storage)
+    study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
+                                direction="maximize")
+    states_by_key: dict[str, set[TrialState]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if KEY_ATTR in trial.user_attrs:
+            states_by_key.setdefault(trial.user_attrs[KEY_ATTR], set()).add(trial.state)
+    added = 0
+    key_fn = key if callable(key) else lambda cell: cell[key]
+    for cell_key, cell in _unique_cells(cells, key_fn).items():
+        states = states_by_key.get(cell_key)
+        if states is None or (retry_failed and states == {TrialState.FAIL}):
+            study.enqueue_trial({}, user_attrs={CELL_ATTR: cell, KEY_ATTR: cell_key, RETRIES_ATTR: 0})
+            added += 1
+    return added
+
+
+def _unique_cells(cells: Iterable[dict], key_fn: Callable[[dict], str]) -> dict[str, dict]:
+    """Cells by key; the same cell twice counts once, two different cells with one key is an error."""
+    unique: dict[str, dict] = {}
+    for cell in cells:
+        try:
+            key = key_fn(cell)
+        except KeyError as err:
+            raise QueueError(f"cell without its key field {err}: {cell}") from err
+        if not isinstance(key, str):
+            raise QueueError(f"a cell key must be a string, got {key!r}")
+        try:
+            cell = json.loads(json.dumps(cell))  # stored as JSON: tuples become lists, as on reload
+        except TypeError as err:
+            raise QueueError(f"cell {key!r} is not JSON-serialisable: {err}") from err
+        if key in unique and unique[key] != cell:
+            raise QueueError(f"two different cells share the key {key!r}")
+        unique[key] = cell
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming and finishing trials (storage API; safe with many workers)
+
+
+def _trial_id(trial: FrozenTrial) -> int:
+    # Storages address trials by their id, which FrozenTrial keeps private (Optuna itself reads
+    # it the same way, e.g. in fail_stale_trials).
+    return trial._trial_id
+
+
+def _claim_next(storage: BaseStorage, study_id: int) -> FrozenTrial | None:
+    """Move the oldest waiting cell to RUNNING for this worker, or return None when none waits.
+
+    The step of ``Study._pop_waiting_trial_id``: ``set_trial_state_values(RUNNING)`` succeeds
+    for exactly one worker; the others get False (already RUNNING) or UpdateFinishedTrialError.
+    """
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        if CELL_ATTR not in trial.user_attrs:
+            continue  # not a cell of this queue
+        try:
+            if storage.set_trial_state_values(_trial_id(trial), state=TrialState.RUNNING):
+                return storage.get_trial(_trial_id(trial))
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _running_cells(storage: BaseStorage, study_id: int) -> list[FrozenTrial]:
+    trials = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    return [t for t in trials if KEY_ATTR in t.user_attrs]
+
+
+def _finish(storage: BaseStorage, trial: FrozenTrial, state: TrialState, attrs: dict[str, Any],
+            value: float | None = None) -> bool:
+    """Write ``attrs`` and finish the trial; False when another worker already failed it as stale."""
+    try:
+        for name, attr in attrs.items():
+            storage.set_trial_user_attr(_trial_id(trial), name, attr)
+        storage.set_trial_state_values(_trial_id(trial), state, None if value is None else [value])
+    except UpdateFinishedTrialError:
+        logger.warning("trial %d (%s) was failed as stale by another worker, which retries it",
+                       trial.number, trial.user_attrs[KEY_ATTR])
+        return False
+    return True
+
+
+def _fail_and_requeue(storage: BaseStorage, study: optuna.Study, trial: FrozenTrial, reason: str,
+                      max_retries: int) -> bool:
+    """Fail a RUNNING trial whose worker is gone and enqueue its cell again (up to ``max_retries``).
+
+    Several workers may call this for one trial at once; only the one whose FAIL reaches the
+    storage first returns True and enqueues the retry.
+    """
+    retries = trial.user_attrs.get(RETRIES_ATTR, 0)
+    give_up = retries >= max_retries
+    if give_up:
+        reason += f"; not retried: the cell was already retried {retries} times (max_retries)"
+    try:
+        storage.set_trial_user_attr(_trial_id(trial), FAIL_REASON_ATTR, reason)
+        storage.set_trial_state_values(_trial_id(trial), TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False  # another worker failed it first, or it has just finished after all
+    logger.warning("trial %d (%s): %s", trial.number, trial.user_attrs[KEY_ATTR], reason)
+    if not give_up:
+        study.enqueue_trial({}, user_attrs={
+            CELL_ATTR: trial.user_attrs[CELL_ATTR], KEY_ATTR: trial.user_attrs[KEY_ATTR],
+            RETRIES_ATTR: retries + 1, RETRY_OF_ATTR: trial.number,
+        })
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Heartbeats and the watch for dead workers
+
+
+class _Monitor:
+    """Background thread of a worker: beats its running trial's heartbeat, fails others' stale ones."""
+
+    def __init__(self, storage: BaseStorage, study: optuna.Study, study_id: int,
+                 heartbeat_interval: float, grace_period: float, max_retries: int) -> None:
+        self.storage, self.study, self.study_id = storage, study, study_id
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.max_retries = max_retries
+        self._trial_id: int | None = None  # the trial this worker runs, set by the main thread
+        self._seen: dict[int, tuple[Any, float]] = {}  # trial id -> (heartbeat, monotonic first seen)
+        self.lock = threading.Lock()  # held while recovering a stale trial
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="work-queue-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def watch(self, trial_id: int | None) -> None:
+        """Beat for ``trial_id`` from now on (None: this worker runs nothing); beats once at once."""
+        self._trial_id = trial_id
+        if trial_id is not None:
+            self._beat(trial_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                trial_id = self._trial_id
+                if trial_id is not None:
+                    self._beat(trial_id)
+                self.recover_stale()
+            except Exception:  # a storage hiccup must not end the watch; the next round retries
+                logger.exception("work queue monitor round failed")
+
+    def _beat(self, trial_id: int) -> None:
+        try:
+            self.storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except UpdateFinishedTrialError:
+            pass  # finished meanwhile, or failed as stale by another worker (_finish reports it)
+
+    def recover_stale(self) -> None:
+        """Fail and re-enqueue the running cells of other workers whose heartbeat stopped."""
+        for trial in self._stale(_running_cells(self.storage, self.study_id)):
+            worker = trial.user_attrs.get(WORKER_ATTR, "?")
+            reason = f"worker {worker} lost: no heartbeat for {self.grace_period:g} s"
+            with self.lock:
+                _fail_and_requeue(self.storage, self.study, trial, reason, self.max_retries)
+
+    def _stale(self, running: list[FrozenTrial]) -> list[FrozenTrial]:
+        """Trials whose heartbeat this monitor has seen unchanged for longer than the grace period."""
+        now = time.monotonic()
+        seen: dict[int, tuple[Any, float]] = {}
+        stale = []
+        for trial in running:
+            trial_id = _trial_id(trial)
+            if trial_id == self._trial_id:
+                continue
+            beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+            previous = self._seen.get(trial_id)
+            seen[trial_id] = previous if previous is not None and previous[0] == beat else (beat, now)
+            if now - seen[trial_id][1] > self.grace_period:
+                stale.append(trial)
+        self._seen = seen  # forget trials that are no longer running
+        return stale
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+def run_worker(
+    storage: BaseStorage | str | Path | None,
+    study_name: str,
+    execute: Callable[[dict], dict],
+    *,
+    value_key: str | None = None,
+    heartbeat_interval: float = 30.0,
+    grace_period: float = 120.0,
+    max_retries: int = 3,
+    worker_id: str | None = None,
+    wait_for_running: bool = True,
+) -> int:
+    """Run waiting cells of the study until none is left; return how many cells this worker ran.
+
+    ``execute(cell) -> report`` runs one cell; the JSON-able report is stored with the trial,
+    whose value is ``report[value_key]`` (0.0 without ``value_key``). A cell whose ``execute``
+    raises is recorded as FAIL with its error, and the worker goes on. With
+    ``wait_for_running`` an idle worker stays while other cells are RUNNING, to retry them if
+    their worker dies (see the module docstring); without it, it leaves when nothing waits.
+    """
+    if not 0 < heartbeat_interval < grace_period:
+        raise ValueError("need 0 < heartbeat_interval < grace_period (a few heartbeats per grace period)")
+    storage = _as_storage(storage)
+    if _is_sqlite(storage):
+        warnings.warn("SQLite storage is safe for one worker only; use the journal file or PostgreSQL "
+                      "for several workers", stacklevel=2)
+    study = _load_study(storage, study_name)
+    study_id = storage.get_study_id_from_name(study_name)
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    monitor = _Monitor(storage, study, study_id, heartbeat_interval, grace_period, max_retries)
+    monitor.start()
+    n_ran = 0
+    try:
+        while True:
+            # Under the monitor's lock: a cell it is failing and enqueueing again at this moment
+            # is seen before this worker decides to leave (it is FAIL before its retry exists).
+            with monitor.lock:
+                trial = _claim_next(storage, study_id)
+                if trial is None and not (wait_for_running and _running_cells(storage, study_id)):
+                    return n_ran
+            if trial is None:
+                time.sleep(heartbeat_interval)  # the monitor thread retries them if they go stale
+                continue
+            _run_cell(storage, study, trial, execute, monitor, worker_id, value_key, max_retries)
+            n_ran += 1
+    finally:
+        monitor.stop()
+
+
+def _run_cell(storage: BaseStorage, study: optuna.Study, trial: FrozenTrial,
+              execute: Callable[[dict], dict], monitor: _Monitor, worker_id: str,
+              value_key: str | None, max_retries: int) -> None:
+    """Execute one claimed cell under heartbeats and record its report or its error."""
+    key = trial.user_attrs[KEY_ATTR]
+    storage.set_trial_user_attr(_trial_id(trial), WORKER_ATTR, worker_id)
+    monitor.watch(_trial_id(trial))
+    logger.info("worker %s runs cell %s (trial %d)", worker_id, key, trial.number)
+    try:
+        report = json.loads(json.dumps(execute(dict(trial.user_attrs[CELL_ATTR]))))
+        value = float(report[value_key]) if value_key is not None else 0.0
+    except Exception as err:
+        monitor.watch(None)
+        logger.exception("cell %s failed", key)
+        _finish(storage, trial, TrialState.FAIL, {ERROR_ATTR: f"{type(err).__name__}: {err}"})
+        return
+    except BaseException:  # interrupted (Ctrl-C, SystemExit): the cell is not to blame, queue it again
+        monitor.watch(None)
+        _fail_and_requeue(storage, study, trial, f"worker {worker_id} interrupted", max_retries)
+        raise
+    monitor.watch(None)
+    _finish(storage, trial, TrialState.COMPLETE, {REPORT_ATTR: report}, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the queue
+
+
+def reports_from_storage(storage: BaseStorage | str | Path | None, study_name: str) -> list[dict]:
+    """The stored report of every completed cell: one per cell key, from its newest COMPLETE trial."""
+    storage = _as_storage(storage)
+    trials = _load_study(storage, study_name).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    newest: dict[str, FrozenTrial] = {}
+    for trial in trials:  # trial numbers grow, so a later trial of a key replaces an earlier one
+        if KEY_ATTR in trial.user_attrs and REPORT_ATTR in trial.user_attrs:
+            newest[trial.user_attrs[KEY_ATTR]] = trial
+    return [trial.user_attrs[REPORT_ATTR] for trial in newest.values()]
+
+
+def queue_status(storage: BaseStorage | str | Path | None, study_name: str) -> dict[str, Any]:
+    """Counts of trials per state, cells done, cells given up (key -> reason) and the done reports."""
+    storage = _as_storage(storage)
+    trials = _load_study(storage, study_name).get_trials(deepcopy=False)
+    trials = [t for t in trials if KEY_ATTR in t.user_attrs]
+    states_by_key: dict[str, set[TrialState]] = {}
+    reasons: dict[str, str] = {}
+    for trial in trials:
+        key = trial.user_attrs[KEY_ATTR]
+        states_by_key.setdefault(key, set()).add(trial.state)
+        if trial.state == TrialState.FAIL:
+            reasons[key] = trial.user_attrs.get(ERROR_ATTR) or trial.user_attrs.get(FAIL_REASON_ATTR, "?")
+    reports = reports_from_storage(storage, study_name)
+    return {
+        "counts": dict(Counter(t.state.name for t in trials)),
+        "n_cells": len(states_by_key),
+        "n_done": len(reports),
+        "failed": {k: reasons[k] for k, states in states_by_key.items() if states == {TrialState.FAIL}},
+        "reports": reports,
+    }
