@@ -408,7 +408,8 @@ def _cell_row(cell, base, seed_summary, compare_to_baseline, n_boot) -> dict:
     seeds = seed_summary(cell["f1_macro"].to_numpy())
     row = {
         "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
-        "epochs": first["epochs"], "teacher": first["teacher"], "stage": first["stage"],
+        "epochs": first["epochs"], "lr": first["report"]["config"]["lr"], "teacher": first["teacher"],
+        "stage": first["stage"],
         "p_aug": first["p_aug"], "n_seeds": len(cell), "f1_mean": seeds["mean"], "f1_std": seeds["std"],
         "ci_low": seeds["ci_low"], "ci_high": seeds["ci_high"],
         "corruption_f1": float(cell["corruption_f1"].mean()),
@@ -434,7 +435,6 @@ def _cell_row(cell, base, seed_summary, compare_to_baseline, n_boot) -> dict:
 
 def summary_markdown(table) -> str:
     """The cell table as Markdown, headed by the dataset so synthetic results are never mistaken."""
-    from stats import format_estimate
     from visualization import dataset_label
 
     if table.empty:
@@ -442,20 +442,30 @@ def summary_markdown(table) -> str:
     lines = []
     for dataset, part in table.groupby("dataset"):
         lines += [f"### {dataset_label(dataset)}: test macro-F1 per cell", "",
-                  "| model | stage | p_aug | seeds | macro-F1 [95% CI] | diff vs no augmentation [95% CI] "
-                  "| p (Holm) | significant | corruption F1 |",
-                  "|---|---|---:|---:|---|---|---:|:---:|---:|"]
+                  "| model | epochs | lr | stage | p_aug | seeds | macro-F1 [95% CI] "
+                  "| diff vs no augmentation [95% CI] | p (Holm) | significant | corruption F1 |",
+                  "|---|---:|---:|---|---:|---:|---|---|---:|:---:|---:|"]
         for _, r in part.iterrows():
-            diff = "baseline" if r["stage"] == "none" else format_estimate(r["diff"], r["diff_low"], r["diff_high"])
-            p_holm = "" if r["stage"] == "none" else f"{r['p_holm']:.3g}"
-            mark = "" if r["stage"] == "none" else ("yes" if r["significant"] else "no")
-            lines.append(
-                f"| {r['model']} | {r['stage']} | {r['p_aug']:g} | {r['n_seeds']} "
-                f"| {format_estimate(r['f1_mean'], r['ci_low'], r['ci_high'])} | {diff} | {p_holm} | {mark} "
-                f"| {r['corruption_f1']:.3f} |"
-            )
+            lines.append(_markdown_row(r))
         lines.append("")
     return "\n".join(lines)
+
+
+def _markdown_row(r) -> str:
+    """One cell of the summary; cells without a same-family baseline say so instead of 'nan'."""
+    from stats import format_estimate
+
+    model = r["model"] if not isinstance(r["teacher"], str) else f"{r['model']} (distilled from {r['teacher']})"
+    if r["stage"] == "none":
+        diff, p_holm, mark = "baseline", "", ""
+    elif r["p_value"] != r["p_value"]:  # NaN: no no-augmentation run of the same family
+        diff, p_holm, mark = "no baseline", "", ""
+    else:
+        diff = format_estimate(r["diff"], r["diff_low"], r["diff_high"])
+        p_holm, mark = f"{r['p_holm']:.3g}", ("yes" if r["significant"] else "no")
+    return (f"| {model} | {r['epochs']} | {r['lr']:.3g} | {r['stage']} | {r['p_aug']:g} | {r['n_seeds']} "
+            f"| {format_estimate(r['f1_mean'], r['ci_low'], r['ci_high'])} | {diff} | {p_holm} | {mark} "
+            f"| {r['corruption_f1']:.3f} |")
 
 
 def write_summary(frame=None, out_dir: Path | None = None) -> tuple[str, Path]:
@@ -527,11 +537,11 @@ def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list
                                title=f"{model}: test macro-F1, stage x p_aug (mean of {seeds} seed(s); "
                                      "* = differs from no augmentation, Holm p<0.05)",
                                metric_label="macro-F1")
-        written.append(viz.save_figure(fig, out_dir / f"{dataset}_{model}_heatmap_f1.png"))
+        written.append(save_and_close(fig, out_dir / f"{dataset}_{model}_heatmap_f1.png"))
         fig = viz.plot_heatmap(tables["corruption"], dataset=dataset,
                                title=f"{model}: macro-F1 under corruptions (mean over kinds)",
                                metric_label="corruption macro-F1")
-        written.append(viz.save_figure(fig, out_dir / f"{dataset}_{model}_heatmap_corruption.png"))
+        written.append(save_and_close(fig, out_dir / f"{dataset}_{model}_heatmap_corruption.png"))
     written += _best_cell_figures(frame, cells, dataset, model, out_dir)
     return written
 
@@ -557,16 +567,16 @@ def _best_cell_figures(frame, cells, dataset, model, out_dir) -> list[Path]:
     label = run_label(best)
     prefix = out_dir / f"{dataset}_{model}_best"
     written = [
-        viz.save_figure(viz.plot_learning_curves(best["history"], title=f"{model}, {label}", dataset=dataset),
+        save_and_close(viz.plot_learning_curves(best["history"], title=f"{model}, {label}", dataset=dataset),
                         Path(f"{prefix}_learning_curves.png")),
-        viz.save_figure(viz.plot_confusion_matrix(best["test"]["confusion_matrix"], dataset=dataset,
+        save_and_close(viz.plot_confusion_matrix(best["test"]["confusion_matrix"], dataset=dataset,
                                                   title=f"{model}, {label}: confusion matrix (test)"),
                         Path(f"{prefix}_confusion.png")),
     ]
     f1_by_run = {label: best["test"]["f1_per_class"]}
     if base is not None and base["run_id"] != best["run_id"]:
         f1_by_run[run_label(base)] = base["test"]["f1_per_class"]
-    written.append(viz.save_figure(viz.plot_per_class_f1(f1_by_run, dataset=dataset),
+    written.append(save_and_close(viz.plot_per_class_f1(f1_by_run, dataset=dataset),
                                    Path(f"{prefix}_per_class_f1.png")))
     return written
 
@@ -575,7 +585,7 @@ def _distillation_figure(table: dict, out_dir: Path) -> Path:
     import visualization as viz
 
     fig = viz.plot_distillation_comparison(table["rows"], dataset=table["dataset"])
-    return viz.save_figure(fig, out_dir / f"{table['dataset']}_distillation.png")
+    return save_and_close(fig, out_dir / f"{table['dataset']}_distillation.png")
 
 
 # ---------------------------------------------------------------- the grid as a work queue
@@ -740,6 +750,7 @@ def _fail_interrupted_trials(study) -> None:
 
 def save_tuning_figures(study, dataset: str, out_dir: Path | None = None) -> list[Path]:
     """Optuna's optimisation history and parameter importances as PNGs."""
+    import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
@@ -753,9 +764,23 @@ def save_tuning_figures(study, dataset: str, out_dir: Path | None = None) -> lis
     for name, plot, min_trials in plots:
         if len(complete) < min_trials:
             continue
-        ax = plot(study)
-        ax.set_title(f"{ax.get_title()} ({viz.dataset_label(dataset)})")
-        written.append(viz.save_figure(ax.figure, out_dir / f"{dataset}_tuning_{name}.png"))
+        # Optuna's plots switch matplotlib to its own style; keep that inside this figure.
+        with plt.rc_context():
+            ax = plot(study, target_name="validation macro-F1")
+            ax.set_title(f"{ax.get_title(loc='left')} ({viz.dataset_label(dataset)})", loc="left")
+            ax.figure.tight_layout()
+            written.append(save_and_close(ax.figure, out_dir / f"{dataset}_tuning_{name}.png"))
+    return written
+
+
+def save_and_close(fig, path: Path) -> Path:
+    """Write a figure as PNG (atomically) and free it: a study draws many figures."""
+    import matplotlib.pyplot as plt
+
+    import visualization as viz
+
+    written = viz.save_figure(fig, path)
+    plt.close(fig)
     return written
 
 
@@ -801,12 +826,13 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
                "distilled student": run(student_cfg, device=device, progress=progress, severities=severities),
                "student alone": run(alone_cfg, device=device, progress=progress, severities=severities)}
     table = {"dataset": teacher_cfg.dataset, "teacher": teacher_id, "T": T, "alpha": alpha,
-             "rows": [_comparison_row(name, report) for name, report in reports.items()]}
+             "rows": [comparison_row(name, report) for name, report in reports.items()]}
     atomic_write_json(config.REPORTS_DIR / "distillation.json", table)
     return table
 
 
-def _comparison_row(name: str, report: dict) -> dict:
+def comparison_row(name: str, report: dict) -> dict:
+    """One model in a comparison table: macro-F1 with CI, size and speed."""
     ci = report["test_f1_macro_ci"]
     return {"name": f"{name} ({report['config']['model']})", "run_id": report["run_id"],
             "f1_macro": report["test"]["f1_macro"], "ci_low": ci["low"], "ci_high": ci["high"],
@@ -858,6 +884,21 @@ def study_plan(quick: bool) -> StudyPlan:
     )
 
 
+def study_configs(dataset: str, plan: StudyPlan) -> tuple[TrainConfig, TrainConfig]:
+    """Base configurations of the study's two models (original preset, the plan's sizes)."""
+    simple = config.preset_config("original", dataset=dataset, epochs=plan.simple_epochs,
+                                  n_train=plan.n_train, n_test=plan.n_test)
+    large = dataclasses.replace(simple, model=plan.large_model, epochs=plan.resnet_epochs,
+                                n_train=plan.resnet_n_train)
+    return simple, large
+
+
+def study_queue(dataset: str, quick: bool, part: str) -> str:
+    """Name of a study part's queue; quick and full studies never share one (a worker runs every
+    waiting cell of its queue, so mixing them would train the other plan's leftovers)."""
+    return f"{dataset}-{'quick' if quick else 'full'}-{part}"
+
+
 def study(dataset: str = "synthetic", quick: bool = False, *, device: str = "auto", storage: str | None = None,
           workers: int = 1, progress: bool = False, heartbeat: float = 30.0) -> str:
     """What the original notebook did, in order and resumably; returns the summary Markdown.
@@ -866,24 +907,22 @@ def study(dataset: str = "synthetic", quick: bool = False, *, device: str = "aut
     its last epoch, and retries a cell left RUNNING once 4 heartbeats have passed.
     """
     plan = study_plan(quick)
-    simple = config.preset_config("original", dataset=dataset, epochs=plan.simple_epochs,
-                                  n_train=plan.n_train, n_test=plan.n_test)
-    resnet = dataclasses.replace(simple, model=plan.large_model, epochs=plan.resnet_epochs,
-                                 n_train=plan.resnet_n_train)
+    simple, resnet = study_configs(dataset, plan)
     common = dict(storage=storage, device=device, workers=workers, severities=plan.severities, progress=progress,
                   heartbeat=heartbeat)
     _step("SimpleCNN stage x p_aug grid")
     grid(("simplecnn",), plan.simple_stages, plan.simple_p_augs, plan.seeds, base=simple,
-         study_name=f"{dataset}-simplecnn-grid", **common)
+         study_name=study_queue(dataset, quick, "simplecnn-grid"), **common)
     _step("no-flip variants and learned policies")
     grid(("simplecnn",), plan.extra_stages, (1.0,), plan.seeds, base=simple,
-         study_name=f"{dataset}-simplecnn-extra", **common)
+         study_name=study_queue(dataset, quick, "simplecnn-extra"), **common)
     _step(f"{plan.large_model} grid")
     grid((plan.large_model,), plan.resnet_stages, plan.resnet_p_augs, plan.seeds[:1], base=resnet,
-         study_name=f"{dataset}-resnet18-grid", **common)
+         study_name=study_queue(dataset, quick, f"{plan.large_model}-grid"), **common)
     _step("Optuna tuning of ResNet18Cifar")
     tuned = tune(plan.tune_trials, base=dataclasses.replace(resnet, stage="stage1_basic"), epochs=plan.tune_epochs,
-                 storage=storage, study_name=f"{dataset}-{TUNE_STUDY_NAME}", device=device, progress=progress)
+                 storage=storage, study_name=study_queue(dataset, quick, TUNE_STUDY_NAME), device=device,
+                 progress=progress)
     _step("final ResNet18Cifar")
     final = run(best_tuned_config(tuned, dataclasses.replace(resnet, stage="stage1_basic"), plan.final_epochs),
                 device=device, progress=progress, severities=plan.severities)

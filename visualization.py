@@ -535,7 +535,7 @@ def _or(value, default):
     return default if value is None else value
 
 
-def _comparison_bars(rows: Sequence[Mapping], dataset: str, title: str) -> Figure:
+def _comparison_bars(rows: Sequence[Mapping], dataset: str, title: str, xlabel: str = "model") -> Figure:
     """Macro-F1 bars with confidence-interval error bars, each annotated with its cost."""
     names = [row["name"] for row in rows]
     f1 = np.array([row["f1_macro"] for row in rows], dtype=float)
@@ -556,19 +556,20 @@ def _comparison_bars(rows: Sequence[Mapping], dataset: str, title: str) -> Figur
         ax.text(xi, upper + 0.05 * spread, text, ha="center", va="bottom", fontsize=ANNOT_FONTSIZE)
     ax.set_ylim(bottom, top)
     ax.set_xticks(x, names)
-    ax.set_xlabel("model")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("macro-F1 (test), 95% CI")
     ax.grid(axis="y", alpha=0.3)
     return fig
 
 
-def plot_model_comparison(rows: Sequence[Mapping], dataset: str, title: str = "Model comparison") -> Figure:
+def plot_model_comparison(rows: Sequence[Mapping], dataset: str, title: str = "Model comparison",
+                          xlabel: str = "model") -> Figure:
     """Bars of macro-F1 with CI per model, annotated with parameters, img/s and checkpoint size.
 
     ``rows``: dicts with name, f1_macro, ci_low, ci_high, params, images_per_s, checkpoint_mb
-    (None or missing cost fields are left out of the annotation).
+    (None or missing cost fields are left out of the annotation); ``xlabel`` names what the bars are.
     """
-    return _comparison_bars(rows, dataset, title)
+    return _comparison_bars(rows, dataset, title, xlabel)
 
 
 def plot_distillation_comparison(
@@ -590,12 +591,13 @@ def top_confused_pairs(y_true, y_pred, top_k: int = 5) -> list[tuple[int, int, i
     return [(int(i) // k, int(i) % k, int(flat[i])) for i in order if flat[i] > 0]
 
 
-def plot_confused_pairs(images, y_true, y_pred, dataset: str, top_k: int = 5, per_pair: int = 4) -> Figure:
+def plot_confused_pairs(images, y_true, y_pred, dataset: str, top_k: int = 5, per_pair: int = 4,
+                        title: str = "Most confused pairs") -> Figure:
     """The most confused (true, predicted) pairs, one row each, with example misclassified images."""
     images, y_true, y_pred = _images_uint8(images), _labels(y_true), _labels(y_pred)
     pairs = top_confused_pairs(y_true, y_pred, top_k)
     figsize = (2.8 + 0.9 * per_pair, 1.2 + 1.0 * max(len(pairs), 1))
-    fig, ax = _figure("Most confused pairs", dataset, figsize=figsize)
+    fig, ax = _figure(title, dataset, figsize=figsize)
     ax.set_xlabel("misclassified example")
     ax.set_ylabel("true → predicted (errors)")
     if not pairs:
@@ -611,6 +613,10 @@ def plot_confused_pairs(images, y_true, y_pred, dataset: str, top_k: int = 5, pe
     row_labels = [f"{true} → {pred}  (n={count})" for true, pred, count in pairs]
     _show_montage(ax, tiles, row_labels, [str(i + 1) for i in range(per_pair)])
     return fig
+
+
+METRIC_LABELS = {"f1_macro": "macro-F1 (test)", "accuracy": "accuracy (test)",
+                 "corruption_f1": "macro-F1 under corruptions"}
 
 
 def _mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -648,9 +654,10 @@ def plot_seed_spread(df, dataset: str, metric: str = "f1_macro", title: str = "S
             ax.errorbar(i + 0.3, mean, yerr=None if np.isnan(half) else half, fmt="D", color="black",
                         ms=5, capsize=4, zorder=3)
         ax.set_xticks(range(len(p_values)), [_fmt_axis_value(float(p)) for p in p_values])
+        ax.set_xlim(-0.5, len(p_values) - 0.5)  # every p_aug keeps its slot, even if a stage lacks it
         ax.set_title(stage, fontsize=10)
         ax.set_xlabel("p_aug")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[len(stages):]:
         ax.remove()  # empty slots of the last row
