@@ -500,6 +500,30 @@ def figures(frame=None, out_dir: Path | None = None) -> list[Path]:
     return written
 
 
+def eda_figures(dataset: str = "synthetic", out_dir: Path | None = None) -> list[Path]:
+    """The EDA notebook's figures from the command line: class balance, samples per class,
+    channel histograms, image statistics, mean images, channel correlation and normalization
+    statistics of the train split, and the stage gallery on 8 train images."""
+    import visualization as viz
+    from data_loading import compute_channel_stats, load_split
+
+    out_dir = out_dir or config.FIGURES_DIR
+    train_x, train_y = load_split(dataset, "train")
+    _, test_y = load_split(dataset, "test")
+    mean, std = compute_channel_stats(train_x)
+    figures_ = {
+        "class_balance": viz.plot_class_balance(train_y, test_y, dataset),
+        "samples_per_class": viz.plot_samples_per_class(train_x, train_y, dataset),
+        "channel_histograms": viz.plot_channel_histograms(train_x, dataset),
+        "image_statistics": viz.plot_image_statistics(train_x, dataset),
+        "mean_images": viz.plot_mean_images(train_x, train_y, dataset),
+        "channel_correlation": viz.plot_channel_correlation(train_x, dataset),
+        "channel_stats": viz.plot_channel_stats(mean, std, dataset),
+        "stage_gallery": viz.plot_stage_gallery(train_x[:8], list(config.STAGES[1:]), mean, std, dataset),
+    }
+    return [save_and_close(fig, out_dir / f"{dataset}_eda_{name}.png") for name, fig in figures_.items()]
+
+
 def grid_tables(cells) -> dict:
     """stage x p_aug tables (mean F1, significance marks, corruption F1) for one model.
 
@@ -1035,6 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="reports folder or storage (default reports/runs)")
     p.add_argument("--study", help="study name when --source is a storage")
 
+    p = sub.add_parser("eda", help="the EDA figures of a dataset's train split, into reports/figures/")
+    p.add_argument("--dataset", choices=config.DATASETS, default="synthetic")
+
     p = sub.add_parser("study", help="the whole study, in order and resumably")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic")
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on a CPU")
@@ -1087,6 +1114,9 @@ def _dispatch(args) -> None:
         print(markdown + f"\nCSV: {csv_path}")
     elif args.command == "figures":
         for path in figures(load_reports(args.source, args.study)):
+            print(path)
+    elif args.command == "eda":
+        for path in eda_figures(args.dataset):
             print(path)
     elif args.command == "study":
         print(study(args.dataset, args.quick, device=args.device, storage=args.storage, workers=args.workers,

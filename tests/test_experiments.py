@@ -225,3 +225,10 @@ def test_killed_study_resumes_to_the_same_reports(project_dirs, monkeypatch):
     a, b = reports(project_dirs / "a" / "reports" / "runs"), reports(runs_b)
     assert a.keys() == b.keys() and len(a) >= 4
     assert [name for name in a if a[name] != b[name]] == []
+
+
+def test_eda_figures_from_the_command_line(project_dirs, capsys):
+    assert experiments.main(["eda", "--dataset", "synthetic"]) == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) == 8 and all(path.endswith(".png") for path in written)
+    assert (config.FIGURES_DIR / "synthetic_eda_stage_gallery.png").stat().st_size > 10_000
