@@ -232,6 +232,21 @@ def stage_ops(stage: str | tuple) -> tuple[OpSpec, ...]:
     return ops
 
 
+def register_stage(name: str, ops: tuple) -> tuple[OpSpec, ...]:
+    """Add a custom stage under ``name``: both paths and ``TrainConfig(stage=name)`` accept it.
+
+    ``ops`` is validated like the built-in stages (a Normalize is appended when missing). The
+    registration lives in this process only: worker processes must import the module that
+    registers it.
+    """
+    _require(name not in config.ALL_STAGES, f"{name!r} is a built-in stage; choose another name")
+    ops = _with_normalize(tuple(ops))
+    validate_ops(ops)
+    STAGE_SPECS[name] = ops
+    config.CUSTOM_STAGES.add(name)
+    return ops
+
+
 def _check_p_aug(p_aug: float) -> float:
     _require(0.0 <= float(p_aug) <= 1.0, f"p_aug must lie in [0, 1], got {p_aug}")
     return float(p_aug)

@@ -866,6 +866,37 @@ def comparison_row(name: str, report: dict) -> dict:
             "checkpoint_mb": model_path(report["run_id"]).stat().st_size / 1e6}
 
 
+# ---------------------------------------------------------------- presets side by side
+
+
+def compare_presets(presets=("original", "strong"), *, seeds=(0, 1), dataset: str = "synthetic",
+                    device: str = "auto", **sizes) -> dict:
+    """Train each preset with the same data, sizes and seeds; a paired test on the same test
+    images says whether the last preset beats the first. Written to reports/presets.json."""
+    from stats import compare_to_baseline, format_estimate, seed_summary
+
+    reports = {name: [run(config.preset_config(name, dataset=dataset, seed=seed, **sizes), device=device)
+                      for seed in seeds] for name in presets}
+    y_true = parse_digits(reports[presets[0]][0]["test_labels"])
+
+    def preds(name):
+        return [parse_digits(r["test_predictions"]) for r in reports[name]]
+
+    test = compare_to_baseline(y_true, preds(presets[0]), preds(presets[-1]))
+    rows = []
+    for name in presets:
+        summary = seed_summary([r["test"]["f1_macro"] for r in reports[name]])
+        rows.append({"preset": name, "f1_macro": format_estimate(summary["mean"], summary["ci_low"],
+                                                                 summary["ci_high"]),
+                     "per_seed": [r["test"]["f1_macro"] for r in reports[name]],
+                     "run_ids": [r["run_id"] for r in reports[name]]})
+    table = {"dataset": dataset, "sizes": sizes, "seeds": list(seeds), "rows": rows,
+             "difference": {"of": f"{presets[-1]} - {presets[0]}", "diff": test["diff"], "low": test["low"],
+                            "high": test["high"], "p_bootstrap": test["p_value"], "p_mcnemar": test["mcnemar_p"]}}
+    atomic_write_json(config.REPORTS_DIR / "presets.json", table)
+    return table
+
+
 # ---------------------------------------------------------------- the whole study
 
 
@@ -1059,6 +1090,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="reports folder or storage (default reports/runs)")
     p.add_argument("--study", help="study name when --source is a storage")
 
+    p = sub.add_parser("presets", help="train the original and the strong preset side by side")
+    p.add_argument("--dataset", choices=config.DATASETS, default="synthetic")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--n-train", dest="n_train", type=int, default=6000)
+    p.add_argument("--n-test", dest="n_test", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--device", default="auto")
+
     p = sub.add_parser("eda", help="the EDA figures of a dataset's train split, into reports/figures/")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic")
 
@@ -1115,6 +1154,10 @@ def _dispatch(args) -> None:
     elif args.command == "figures":
         for path in figures(load_reports(args.source, args.study)):
             print(path)
+    elif args.command == "presets":
+        table = compare_presets(seeds=args.seeds, dataset=args.dataset, device=args.device, n_train=args.n_train,
+                                n_test=args.n_test, epochs=args.epochs)
+        print(json.dumps(table, indent=2))
     elif args.command == "eda":
         for path in eda_figures(args.dataset):
             print(path)

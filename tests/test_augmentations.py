@@ -471,3 +471,17 @@ def test_corrupt_rejects_unknown_kind_and_severity(images_uint8):
         A.corrupt(images_uint8, "fog", 1)
     with pytest.raises(ConfigError, match="severity"):
         A.corrupt(images_uint8, "blur", 4)
+
+
+def test_registered_custom_stage_runs_in_both_paths_and_in_a_config(monkeypatch):
+    monkeypatch.setattr(config, "CUSTOM_STAGES", set())
+    monkeypatch.setitem(A.STAGE_SPECS, "test_custom", ())  # removed again after the test
+    ops = A.register_stage("test_custom", (A.Affine(10.0, (0.05, 0.05), (0.95, 1.05)), A.ColorJitter(0.3, 0.3)))
+    assert A.STAGE_SPECS["test_custom"] == ops and isinstance(ops[-1], A.Normalize)
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    out = A.BatchAugment("test_custom", 1.0)(batch, torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 32, 32) and not torch.equal(out, A.BatchAugment("none", 1.0)(batch))
+    assert A.build_stage_transform("test_custom")(Image.new("RGB", (32, 32))).shape == (3, 32, 32)
+    assert config.TrainConfig(stage="test_custom", p_aug=0.5).stage == "test_custom"
+    with pytest.raises(ConfigError, match="built-in"):
+        A.register_stage("stage1_basic", ops)
