@@ -1095,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--n-train", dest="n_train", type=int, default=6000)
     p.add_argument("--n-test", dest="n_test", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("eda", help="the EDA figures of a dataset's train split, into reports/figures/")
