@@ -2,10 +2,15 @@
 
 Works with any model and any loader that yields ``(x, y)`` batches: the project's DeviceLoader
 (normalized float32 (B, 3, 32, 32) and int64 (B,) already on the device) or a torch DataLoader
-(CPU tensors, moved here). The hot loop never waits for the device: losses and correct counts are
-summed on the device and read once per epoch (plus one small read every ``CHECK_EVERY`` steps to
-stop a diverged run early). On CUDA the forward pass runs in bfloat16 autocast on channels_last
-tensors; on the CPU everything stays float32, so CPU runs are bit-for-bit reproducible and resumable.
+(CPU tensors, moved here). The hot loop never waits for the device: losses, correct counts and the
+first non-finite loss are tracked on the device and read once per epoch. Every ``CHECK_EVERY``
+steps the host looks for a diverged loss: on the CPU directly, on CUDA through an asynchronous copy
+that it reads only once it has landed (never waiting), so a diverged CUDA run stops a check or two
+later. Evaluation keeps labels and logits on the device and counts the confusion matrix there.
+
+On CUDA the forward pass runs in bfloat16 autocast on channels_last tensors, with cuDNN's
+autotuner on while a loop runs. On the CPU everything stays float32 (channels_last too when
+``CPU_CHANNELS_LAST``), so CPU runs are bit-for-bit reproducible and resumable.
 
 Randomness comes from the caller: seed the globals (``data_loading.set_seed``) before building the
 model; the loaders own their generators. Nothing here reseeds anything.
@@ -29,8 +34,14 @@ from tqdm import tqdm
 import atomic_io
 import config
 
-# A diverged loss is looked for on the host every this many steps (one tiny device read each).
+# A diverged loss is looked for on the host every this many steps (never waiting for a CUDA device).
 CHECK_EVERY = 50
+# float32 training on the CPU in channels_last (oneDNN's blocked convolutions): measured by
+# benchmarks/bench_training.py --layout (results in benchmarks/results/training_cpu.json, "layout").
+CPU_CHANNELS_LAST = True
+# Devices with torch's fused Adam, AdamW and SGD kernels (on the CPU about 5x faster than foreach for
+# ResNet18Cifar's 11 M parameters).
+FUSED_DEVICES = ("cuda", "cpu")
 CHECKPOINT_FORMAT = 1
 
 
@@ -90,8 +101,8 @@ def compute_metrics(y_true, y_pred, num_classes: int = config.NUM_CLASSES) -> di
     a class absent from ``y_true`` has recall 0, and both count in the macro average.
     Accepts numpy arrays, lists or tensors on any device.
     """
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    counts = cm.cpu().double()  # (K, K), tiny: the rest is cheap on the host
+    cm = confusion_matrix(y_true, y_pred, num_classes).cpu()  # counted on the labels' device, one copy
+    counts = cm.double()  # (K, K), tiny: the rest is cheap on the host
     tp = counts.diagonal()
     support = counts.sum(dim=1)  # true samples per class
     predicted = counts.sum(dim=0)  # predictions per class
@@ -116,7 +127,7 @@ def compute_metrics(y_true, y_pred, num_classes: int = config.NUM_CLASSES) -> di
         "recall_per_class": recall.tolist(),
         "f1_per_class": f1.tolist(),
         "support": [int(n) for n in support.tolist()],
-        "confusion_matrix": cm.cpu().tolist(),
+        "confusion_matrix": cm.tolist(),
     }
 
 
@@ -148,10 +159,10 @@ def kd_loss(
 
 def build_optimizer(model: nn.Module, cfg: config.TrainConfig) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD (momentum, optional Nesterov) with cfg.lr and cfg.weight_decay on every
-    parameter; the fused CUDA kernels when the model lives on CUDA, the foreach ones otherwise."""
+    parameter; torch's fused kernels (one kernel per step) on CUDA and the CPU, the foreach ones
+    elsewhere."""
     params = list(model.parameters())
-    on_cuda = params[0].device.type == "cuda"
-    speed = {"fused": True} if on_cuda else {"foreach": True}
+    speed = {"fused": True} if params[0].device.type in FUSED_DEVICES else {"foreach": True}
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **speed)
     if cfg.optimizer == "adamw":
@@ -192,21 +203,40 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _cudnn_autotune(device: torch.device):
+    """cuDNN times its convolution algorithms once per new shape while a loop runs (batch shapes repeat,
+    so the search pays for itself within an epoch); the caller's setting is restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _channels_last(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and CPU_CHANNELS_LAST)
+
+
 def _prepare(model: nn.Module, device: torch.device) -> None:
-    # channels_last lets cuDNN pick its fastest convolutions; a no-op once converted.
-    if device.type == "cuda":
+    # channels_last lets cuDNN (oneDNN on the CPU) pick its fastest convolutions; a no-op once converted.
+    if _channels_last(device):
         model.to(memory_format=torch.channels_last)
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.to(device, non_blocking=True)
     y = y.to(device, non_blocking=True)
-    if device.type == "cuda":
+    if x.ndim == 4 and _channels_last(device):
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
 
@@ -216,6 +246,72 @@ def _length(loader: Iterable) -> int | None:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+class _EpochStats:
+    """Sums of one training epoch, kept on the device so that the steps never wait for it.
+
+    Tracks the per-sample loss sum, the correct predictions and the first step whose loss was not
+    finite (with that loss). ``poll`` lets the host look at them mid-epoch without blocking;
+    ``finish`` is the epoch's one read.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # -1: every loss finite so far
+        self.bad_value = torch.zeros((), device=device)
+        self.images = 0  # known on the host: batch sizes are shapes
+        self._pending = None  # CUDA: (pinned host copy, images at that time, event marking its arrival)
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Fold in one step: loss () float32, logits (B, C), y (B,); only device work is queued."""
+        first_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_value = torch.where(first_bad, loss, self.bad_value)
+        self.loss_sum += loss * y.shape[0]
+        self.correct += (logits.argmax(dim=1) == y).sum()
+        self.images += y.shape[0]
+
+    def _snapshot(self) -> torch.Tensor:
+        # (3,): first bad step (exact in float32 below 2**24 steps), its loss, the loss sum.
+        return torch.stack([self.bad_step.float(), self.bad_value, self.loss_sum])
+
+    def poll(self, epoch: int) -> float | None:
+        """Raise DivergenceError when the host can see a non-finite loss; else the mean loss it saw.
+
+        CPU: the current values (reading them costs nothing). CUDA: the copy started by the previous
+        poll if it has landed (else None), and a new copy is started; the host never waits.
+        """
+        if self.device.type != "cuda":
+            return self._mean_loss(epoch, self._snapshot().tolist(), self.images)
+        seen = None
+        if self._pending is not None:
+            host, images, landed = self._pending
+            if not landed.query():
+                return None
+            seen = self._mean_loss(epoch, host.tolist(), images)
+        host = torch.empty(3, pin_memory=True)
+        host.copy_(self._snapshot(), non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        self._pending = (host, self.images, landed)
+        return seen
+
+    def finish(self, epoch: int) -> tuple[float, float]:
+        """(mean loss, accuracy) of the epoch: the one blocking read; raises DivergenceError."""
+        if self.images == 0:
+            raise ValueError("the train loader yielded no batches")
+        loss = self._mean_loss(epoch, self._snapshot().tolist(), self.images)
+        return loss, self.correct.item() / self.images
+
+    @staticmethod
+    def _mean_loss(epoch: int, values: list[float], images: int) -> float:
+        bad_step, bad_value, loss_sum = values
+        if bad_step >= 0:
+            raise DivergenceError(epoch, int(bad_step), bad_value)
+        return loss_sum / images
 
 
 def train_epoch(
@@ -235,8 +331,9 @@ def train_epoch(
     """One pass over ``loader``; the scheduler (if any) steps after every batch.
 
     With a ``teacher`` the loss is ``kd_loss`` against the frozen teacher's logits on the same batch.
-    Returns {"loss": mean train loss, "accuracy", "images", "seconds"}. Raises DivergenceError when
-    a loss is NaN or infinite (checked every CHECK_EVERY steps and at the end of the epoch).
+    Returns {"loss": mean train loss, "accuracy", "images", "seconds"} (seconds between two device
+    synchronizations). Raises DivergenceError when a loss is NaN or infinite (seen at a periodic
+    check, see the module's docstring, or at the end of the epoch).
     """
     device = torch.device(device)
     model.train()
@@ -244,14 +341,11 @@ def train_epoch(
     if teacher is not None:
         teacher.eval()
         _prepare(teacher, device)
-    loss_sum = torch.zeros((), device=device)  # sum over samples of the per-sample loss
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, -1 if none
-    bad_value = torch.zeros((), device=device)
-    images = 0
+    stats = _EpochStats(device)
     _synchronize(device)
     start = time.perf_counter()
-    with tqdm(loader, total=_length(loader), desc=f"epoch {epoch}", disable=not progress, leave=False) as bar:
+    bar = tqdm(loader, total=_length(loader), desc=f"epoch {epoch}", disable=not progress, leave=False)
+    with _cudnn_autotune(device), bar:
         for step, (x, y) in enumerate(bar, start=1):
             x, y = _to_device(x, y, device)
             with _autocast(device):
@@ -268,47 +362,27 @@ def train_epoch(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-
-            loss = loss.detach()
-            first_bad = ~torch.isfinite(loss) & (bad_step < 0)
-            bad_step = torch.where(first_bad, step, bad_step)
-            bad_value = torch.where(first_bad, loss, bad_value)
-            loss_sum += loss * x.shape[0]
-            correct += (logits.argmax(dim=1) == y).sum()
-            images += x.shape[0]
+            stats.add(step, loss.detach(), logits.detach(), y)
             if step % CHECK_EVERY == 0:
-                _raise_if_diverged(epoch, bad_step, bad_value)
-                if progress:
-                    bar.set_postfix(loss=f"{loss_sum.item() / images:.4f}")
-    if images == 0:
-        raise ValueError("the train loader yielded no batches")
-    _raise_if_diverged(epoch, bad_step, bad_value)
+                mean_loss = stats.poll(epoch)
+                if progress and mean_loss is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+    loss, accuracy = stats.finish(epoch)
     _synchronize(device)
     seconds = time.perf_counter() - start
-    return {
-        "loss": loss_sum.item() / images,
-        "accuracy": correct.item() / images,
-        "images": images,
-        "seconds": seconds,
-    }
-
-
-def _raise_if_diverged(epoch: int, bad_step: torch.Tensor, bad_value: torch.Tensor) -> None:
-    step = int(bad_step)  # the one host read
-    if step >= 0:
-        raise DivergenceError(epoch, step, float(bad_value))
+    return {"loss": loss, "accuracy": accuracy, "images": stats.images, "seconds": seconds}
 
 
 @torch.no_grad()
 def _forward_all(model: nn.Module, loader: Iterable, device, label_smoothing: float = 0.0):
-    """(y_true, y_pred, logits, loss_sum): everything stays on the device until one copy at the end."""
+    """(y_true (N,), logits (N, C) float32, summed loss ()) on the device: nothing is read on the host."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     _prepare(model, device)
     targets, logits_list = [], []
     loss_sum = torch.zeros((), device=device)
-    with _autocast(device):
+    with _cudnn_autotune(device), _autocast(device):
         for x, y in loader:
             x, y = _to_device(x, y, device)
             logits = model(x).float()  # (B, C)
@@ -318,28 +392,29 @@ def _forward_all(model: nn.Module, loader: Iterable, device, label_smoothing: fl
     model.train(was_training)
     if not targets:
         raise ValueError("the evaluation loader yielded no batches")
-    logits = torch.cat(logits_list).cpu()  # (N, C)
-    y_true = torch.cat(targets).cpu()  # (N,)
-    return y_true, logits.argmax(dim=1), logits, loss_sum.item()
+    return torch.cat(targets), torch.cat(logits_list), loss_sum
 
 
 def predict(model: nn.Module, loader: Iterable, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y_true (N,), y_pred (N,), logits (N, C) float32) over the loader, as CPU tensors.
 
     The model runs in eval mode (its previous mode is restored afterwards)."""
-    y_true, y_pred, logits, _ = _forward_all(model, loader, device)
-    return y_true, y_pred, logits
+    y_true, logits, _ = _forward_all(model, loader, device)
+    return y_true.cpu(), logits.argmax(dim=1).cpu(), logits.cpu()
 
 
 def eval_epoch(model: nn.Module, loader: Iterable, device, label_smoothing: float = 0.0) -> dict:
-    """{"loss": mean cross-entropy, "accuracy", "y_true", "y_pred"} (label CPU tensors)."""
-    y_true, y_pred, _, loss_sum = _forward_all(model, loader, device, label_smoothing)
-    n = y_true.numel()
+    """{"loss": mean cross-entropy, "accuracy", "metrics": compute_metrics of the predictions,
+    "y_true", "y_pred" (label CPU tensors)}. The confusion matrix is counted on the device."""
+    y_true, logits, loss_sum = _forward_all(model, loader, device, label_smoothing)
+    y_pred = logits.argmax(dim=1)  # (N,)
+    metrics = compute_metrics(y_true, y_pred)
     return {
-        "loss": loss_sum / n,
-        "accuracy": (y_true == y_pred).sum().item() / n,
-        "y_true": y_true,
-        "y_pred": y_pred,
+        "loss": loss_sum.item() / y_true.numel(),
+        "accuracy": metrics["accuracy"],
+        "metrics": metrics,
+        "y_true": y_true.cpu(),
+        "y_pred": y_pred.cpu(),
     }
 
 
@@ -350,8 +425,8 @@ def evaluate(model: nn.Module, loader: Iterable, device) -> dict:
     writing JSON): "predictions" and "targets".
     """
     result = eval_epoch(model, loader, device)
-    metrics = compute_metrics(result["y_true"], result["y_pred"])
-    return {**metrics, "loss": result["loss"], "predictions": result["y_pred"], "targets": result["y_true"]}
+    return {**result["metrics"], "loss": result["loss"], "predictions": result["y_pred"],
+            "targets": result["y_true"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +554,7 @@ def fit(
         )
         start = time.perf_counter()
         val = eval_epoch(model, val_loader, device, label_smoothing=cfg.label_smoothing)
-        f1 = compute_metrics(val["y_true"], val["y_pred"])["f1_macro"]
+        f1 = val["metrics"]["f1_macro"]
         record = {
             "epoch": epoch,
             "train_loss": train["loss"],

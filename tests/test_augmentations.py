@@ -476,7 +476,8 @@ def test_corrupt_rejects_unknown_kind_and_severity(images_uint8):
 def test_registered_custom_stage_runs_in_both_paths_and_in_a_config(monkeypatch):
     monkeypatch.setattr(config, "CUSTOM_STAGES", set())
     monkeypatch.setitem(A.STAGE_SPECS, "test_custom", ())  # removed again after the test
-    ops = A.register_stage("test_custom", (A.Affine(10.0, (0.05, 0.05), (0.95, 1.05)), A.ColorJitter(0.3, 0.3)))
+    ops = A.register_stage("test_custom",
+                           (A.Affine(10.0, (0.05, 0.05), (0.95, 1.05)), A.ColorJitter(0.3, 0.3)))
     assert A.STAGE_SPECS["test_custom"] == ops and isinstance(ops[-1], A.Normalize)
     batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     out = A.BatchAugment("test_custom", 1.0)(batch, torch.Generator().manual_seed(0))

@@ -1,0 +1,187 @@
+"""Throughput of the augmentation stages: the original per-sample path vs BatchAugment.
+
+For each base stage (none .. stage5_occlusion), in one run and on the same images:
+(a) per-sample: PIL images through the torchvision Compose of ``build_stage_transform``, one image
+    at a time in this process (what each DataLoader worker of the original study did), measured with
+    torch's default thread count and with one thread (DataLoader workers run single-threaded; tiny
+    per-image tensor ops are often faster so); ratios use the faster of the two;
+(b) batched: ``BatchAugment(stage, p_aug=1)`` on uint8 batches already on the device (CPU, and CUDA
+    when present), parameters sampled and applied per batch.
+Images per second are printed as a table with the batched/per-sample ratio and written to
+benchmarks/results/augment_<device-tag>.json (with a -threads<N> suffix when --threads is given).
+
+    python benchmarks/bench_augment.py [--batch-size 1024] [--n 4096] [--device cpu|cuda|all] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import augmentations  # noqa: E402
+import config  # noqa: E402
+from atomic_io import atomic_write_json  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+# Passes per measurement; the fastest is reported (timeit's convention: on a shared machine the
+# fastest pass is the one least disturbed by other processes). Every pass is kept in the JSON.
+REPEATS = 3
+
+
+def make_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random uint8 images (N, 3, 32, 32): low-frequency colour fields, like photos."""
+    coarse = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    fine = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    return fine.mul(255).round().to(torch.uint8)
+
+
+def per_sample_pass(transform, pil_images: list, threads: int) -> float:
+    """Images/s of one pass of a torchvision per-sample transform, image by image, on ``threads`` threads."""
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        for image in pil_images:
+            transform(image)
+        return len(pil_images) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batched_pass(augment, generator, images: torch.Tensor, batch_size: int) -> float:
+    """Images/s of one pass of BatchAugment over ``images`` (already on the device), batch by batch."""
+    sync(images.device)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        augment(images[i:i + batch_size], generator)
+    sync(images.device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def measure_stage(stage: str, pil_images: list, on_device: dict, batch_size: int) -> dict[str, list[float]]:
+    """Images/s of every pass of each path; the passes of the paths alternate, so a disturbance by other
+    processes hits them alike."""
+    transform = augmentations.build_stage_transform(stage)
+    augment = augmentations.BatchAugment(stage, 1.0)
+    generators = {device: torch.Generator(device=device).manual_seed(0) for device in on_device}
+    for image in pil_images[:32]:  # warm-up
+        transform(image)
+    for device, images in on_device.items():
+        augment(images[:batch_size], generators[device])
+    passes: dict[str, list[float]] = {"per_sample": [], "per_sample_1thread": []}
+    for _ in range(REPEATS):
+        passes["per_sample"].append(per_sample_pass(transform, pil_images, torch.get_num_threads()))
+        passes["per_sample_1thread"].append(per_sample_pass(transform, pil_images, 1))
+        for device, images in on_device.items():
+            rate = batched_pass(augment, generators[device], images, batch_size)
+            passes.setdefault(f"batched_{device}", []).append(rate)
+    return passes
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device == "cuda" else cpu_name()
+
+
+def device_tag(devices: list[str]) -> str:
+    """File-name tag: the CUDA device's name when one was measured, else 'cpu'."""
+    name = device_name("cuda") if "cuda" in devices else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run(batch_size: int, n: int, devices: list[str]) -> dict:
+    """Measure every base stage; returns the JSON-ready report."""
+    load_before = os.getloadavg()
+    images = make_images(n)
+    pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+    on_device = {device: images.to(device) for device in devices}
+    stages = {}
+    for stage in config.STAGES:
+        passes = measure_stage(stage, pil_images, on_device, batch_size)
+        row = {key: max(rates) for key, rates in passes.items()}
+        best_per_sample = max(row["per_sample"], row["per_sample_1thread"])
+        for device in devices:
+            row[f"ratio_{device}"] = row[f"batched_{device}"] / best_per_sample
+        row["passes"] = passes
+        stages[stage] = row
+        print_row(stage, row, devices)
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpu": device_name("cpu"),
+        "cpu_threads": torch.get_num_threads(),
+        # The machine may be shared: 1-minute load averages around the run qualify the numbers.
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
+        "devices": {device: device_name(device) for device in devices},
+        "batch_size": batch_size,
+        "n_images": n,
+        "p_aug": 1.0,
+        "unit": "images per second",
+        "stages": stages,
+    }
+
+
+def print_header(devices: list[str]) -> None:
+    cols = "".join(f" {'batched ' + d:>14} {'ratio':>7}" for d in devices)
+    print(f"{'stage':<20} {'per-sample':>11} {'1 thread':>9}{cols}")
+
+
+def print_row(stage: str, row: dict, devices: list[str]) -> None:
+    cols = "".join(f" {row[f'batched_{d}']:>14,.0f} {row[f'ratio_{d}']:>6.1f}x" for d in devices)
+    print(f"{stage:<20} {row['per_sample']:>11,.0f} {row['per_sample_1thread']:>9,.0f}{cols}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--n", type=int, default=4096, help="images per measurement")
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="batched engine on the CPU, on CUDA, or both (all: CUDA only when present)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else (
+        ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch_size}, "
+          f"{args.n} images, p_aug 1.0; images/s, fastest of {REPEATS} passes; "
+          "ratio = batched / faster per-sample")
+    print_header(devices)
+    report = run(args.batch_size, args.n, devices)
+    tag = device_tag(devices) + (f"-threads{args.threads}" if args.threads is not None else "")
+    path = atomic_write_json(RESULTS_DIR / f"augment_{tag}.json", report)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
