@@ -55,6 +55,8 @@ class RunData:
     test_y: torch.Tensor
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # Corrupted test copies, fixed by CORRUPTION_SEED: made once per process, reused by every run.
+    corrupted: dict = dataclasses.field(default_factory=dict)  # (kind, severity) -> uint8 (N, 3, 32, 32)
 
 
 _DATA_CACHE: dict[tuple, RunData] = {}
@@ -258,7 +260,9 @@ def evaluate_robustness(model, data: RunData, device: str, batch_size: int,
     for kind in CORRUPTION_KINDS:
         scores = []
         for severity in severities:
-            images = corrupt(data.test_x, kind, severity, seed=CORRUPTION_SEED)
+            if (kind, severity) not in data.corrupted:
+                data.corrupted[kind, severity] = corrupt(data.test_x, kind, severity, seed=CORRUPTION_SEED)
+            images = data.corrupted[kind, severity]
             loader = DeviceLoader(images, data.test_y, batch_size, data.mean, data.std,
                                   device=device, shuffle=False)
             y_true, y_pred, _ = predict(model, loader, device)
