@@ -580,8 +580,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--sizes", choices=tuple(SIZES), default="svhn", help="split sizes of the full study")
     parser.add_argument("--validate", action="store_true", help="run a scaled-down study and compare")
     parser.add_argument("--n-train", type=int, default=1000, help="--validate: synthetic train images")
-    parser.add_argument("--n-test", type=int, default=300, help="--validate: synthetic test images")
-    parser.add_argument("--resnet-n-train", type=int, default=400,
+    parser.add_argument("--n-test", type=int, default=200, help="--validate: synthetic test images")
+    parser.add_argument("--resnet-n-train", type=int, default=300,
                         help="--validate: train images of the ResNet runs")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
