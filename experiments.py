@@ -413,7 +413,7 @@ def _cell_row(cell, base, seed_summary, compare_to_baseline, n_boot) -> dict:
     first = cell.iloc[0]
     seeds = seed_summary(cell["f1_macro"].to_numpy())
     row = {
-        "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
+        "family": first["family"], "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
         "epochs": first["epochs"], "lr": first["report"]["config"]["lr"], "teacher": first["teacher"],
         "stage": first["stage"],
         "p_aug": first["p_aug"], "n_seeds": len(cell), "f1_mean": seeds["mean"], "f1_std": seeds["std"],
@@ -497,7 +497,7 @@ def figures(frame=None, out_dir: Path | None = None) -> list[Path]:
     table = summarize(frame)
     written = []
     for (dataset, model), cells in table[table["teacher"].isna()].groupby(["dataset", "model"]):
-        written += _grid_figures(frame, cells, dataset, model, out_dir)
+        written += _grid_figures(frame, grid_family(cells), dataset, model, out_dir)
     distillation = config.REPORTS_DIR / "distillation.json"
     if distillation.exists():
         written.append(_distillation_figure(json.loads(distillation.read_text()), out_dir))
@@ -526,6 +526,14 @@ def eda_figures(dataset: str = "synthetic", out_dir: Path | None = None) -> list
         "stage_gallery": viz.plot_stage_gallery(train_x[:8], list(config.STAGES[1:]), mean, std, dataset),
     }
     return [save_and_close(fig, out_dir / f"{dataset}_eda_{name}.png") for name, fig in figures_.items()]
+
+
+def grid_family(cells):
+    """The cells of one model's grid: the family (same settings but stage, p_aug and seed) with a
+    no-augmentation baseline and the most cells, so tuned or distilled runs stay off its heatmap."""
+    with_baseline = cells[cells["family"].isin(cells.loc[cells["stage"] == "none", "family"])]
+    pool = with_baseline if not with_baseline.empty else cells
+    return pool[pool["family"] == pool["family"].value_counts().idxmax()]
 
 
 def grid_tables(cells) -> dict:
