@@ -33,8 +33,6 @@ import argparse
 import datetime
 import itertools
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -47,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_augment import cpu_name, device_name, device_tag  # noqa: E402  (same folder, on sys.path as a script)
 from torch.utils.data import DataLoader  # noqa: E402
 
 import config  # noqa: E402
@@ -89,27 +88,6 @@ def size_for(device: str, model: str, quick: bool) -> Size:
 
 
 # ----------------------------------------------------------------------------- machine and data
-
-
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name(0) if device == "cuda" else cpu_name()
-
-
-def device_tag(devices: list[str]) -> str:
-    """File-name tag: the CUDA device's name when one was measured, else 'cpu'."""
-    name = device_name("cuda") if "cuda" in devices else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def environment(devices: list[str]) -> dict:
