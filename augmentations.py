@@ -35,14 +35,9 @@ from config import ConfigError
 # --------------------------------------------------------------------------------------------
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def _check_interval(name: str, pair: tuple[float, float], lo: float, hi: float) -> None:
     """An ordered pair inside [lo, hi]."""
-    _require(
+    config.require(
         len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi,
         f"{name} must be an ordered pair inside [{lo}, {hi}], got {pair}",
     )
@@ -55,7 +50,7 @@ class HFlip:
     p: float = 0.5
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.p <= 1.0, f"HFlip.p must lie in [0, 1], got {self.p}")
+        config.require(0.0 <= self.p <= 1.0, f"HFlip.p must lie in [0, 1], got {self.p}")
 
 
 @dataclass(frozen=True)
@@ -66,8 +61,8 @@ class Rotate:
     fill: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.degrees <= 180.0, f"Rotate.degrees must lie in [0, 180], got {self.degrees}")
-        _require(0.0 <= self.fill <= 1.0, f"Rotate.fill must lie in [0, 1], got {self.fill}")
+        config.require(0.0 <= self.degrees <= 180.0, f"Rotate.degrees must lie in [0, 180], got {self.degrees}")
+        config.require(0.0 <= self.fill <= 1.0, f"Rotate.fill must lie in [0, 1], got {self.fill}")
 
 
 @dataclass(frozen=True)
@@ -80,13 +75,13 @@ class Affine:
     fill: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.degrees <= 180.0, f"Affine.degrees must lie in [0, 180], got {self.degrees}")
-        _require(
+        config.require(0.0 <= self.degrees <= 180.0, f"Affine.degrees must lie in [0, 180], got {self.degrees}")
+        config.require(
             len(self.translate) == 2 and all(0.0 <= t <= 1.0 for t in self.translate),
             f"Affine.translate must be two fractions in [0, 1], got {self.translate}",
         )
         _check_interval("Affine.scale", self.scale, 1e-3, 10.0)
-        _require(0.0 <= self.fill <= 1.0, f"Affine.fill must lie in [0, 1], got {self.fill}")
+        config.require(0.0 <= self.fill <= 1.0, f"Affine.fill must lie in [0, 1], got {self.fill}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +94,7 @@ class ColorJitter:
     def __post_init__(self) -> None:
         for name in ("brightness", "contrast"):
             value = getattr(self, name)
-            _require(0.0 <= value <= 1.0, f"ColorJitter.{name} must lie in [0, 1], got {value}")
+            config.require(0.0 <= value <= 1.0, f"ColorJitter.{name} must lie in [0, 1], got {value}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +105,7 @@ class GaussianBlur:
     sigma: tuple[float, float] = (0.1, 1.2)
 
     def __post_init__(self) -> None:
-        _require(
+        config.require(
             isinstance(self.kernel, int) and self.kernel % 2 == 1 and 1 <= self.kernel <= 31,
             f"GaussianBlur.kernel must be an odd integer in [1, 31], got {self.kernel}",
         )
@@ -124,7 +119,7 @@ class GaussianNoise:
     std: float = 0.03
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.std <= 1.0, f"GaussianNoise.std must lie in [0, 1], got {self.std}")
+        config.require(0.0 <= self.std <= 1.0, f"GaussianNoise.std must lie in [0, 1], got {self.std}")
 
 
 @dataclass(frozen=True)
@@ -142,10 +137,10 @@ class Erase:
     value: float | str = "random"
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.p <= 1.0, f"Erase.p must lie in [0, 1], got {self.p}")
+        config.require(0.0 <= self.p <= 1.0, f"Erase.p must lie in [0, 1], got {self.p}")
         _check_interval("Erase.scale", self.scale, 1e-6, 1.0)
         _check_interval("Erase.ratio", self.ratio, 1e-3, 1e3)
-        _require(
+        config.require(
             self.value == "random" or isinstance(self.value, (int, float)),
             f"Erase.value must be a number or 'random', got {self.value!r}",
         )
@@ -158,7 +153,7 @@ class LearnedPolicy:
     name: str
 
     def __post_init__(self) -> None:
-        _require(
+        config.require(
             self.name in config.POLICY_STAGES,
             f"unknown learned policy {self.name!r}; choose one of {config.POLICY_STAGES}",
         )
@@ -208,17 +203,17 @@ def validate_ops(ops: tuple) -> None:
     type at most once (their parameters share one dict); at most one of Rotate / Affine; a learned
     policy stands alone before Normalize.
     """
-    _require(isinstance(ops, tuple) and len(ops) > 0, f"a stage must be a non-empty op tuple, got {ops!r}")
+    config.require(isinstance(ops, tuple) and len(ops) > 0, f"a stage must be a non-empty op tuple, got {ops!r}")
     for op in ops:
-        _require(isinstance(op, OpSpec), f"not an op spec: {op!r}")
+        config.require(isinstance(op, OpSpec), f"not an op spec: {op!r}")
     types = [type(op) for op in ops]
-    _require(len(set(types)) == len(types), f"each op type may appear once in a stage, got {types}")
-    _require(not (Rotate in types and Affine in types), "a stage holds Rotate or Affine, not both")
-    _require(types.count(Normalize) == 1, "a stage needs exactly one Normalize")
+    config.require(len(set(types)) == len(types), f"each op type may appear once in a stage, got {types}")
+    config.require(not (Rotate in types and Affine in types), "a stage holds Rotate or Affine, not both")
+    config.require(types.count(Normalize) == 1, "a stage needs exactly one Normalize")
     after = types[types.index(Normalize) + 1:]
-    _require(all(t is Erase for t in after), f"only Erase may follow Normalize, got {after}")
+    config.require(all(t is Erase for t in after), f"only Erase may follow Normalize, got {after}")
     if LearnedPolicy in types:
-        _require(types == [LearnedPolicy, Normalize], "a learned policy stage is (LearnedPolicy, Normalize)")
+        config.require(types == [LearnedPolicy, Normalize], "a learned policy stage is (LearnedPolicy, Normalize)")
 
 
 def stage_ops(stage: str | tuple) -> tuple[OpSpec, ...]:
@@ -226,7 +221,7 @@ def stage_ops(stage: str | tuple) -> tuple[OpSpec, ...]:
     if isinstance(stage, tuple):
         ops = stage
     else:
-        _require(stage in STAGE_SPECS, f"unknown stage {stage!r}; choose one of {tuple(STAGE_SPECS)}")
+        config.require(stage in STAGE_SPECS, f"unknown stage {stage!r}; choose one of {tuple(STAGE_SPECS)}")
         ops = STAGE_SPECS[stage]
     validate_ops(ops)
     return ops
@@ -239,7 +234,7 @@ def register_stage(name: str, ops: tuple) -> tuple[OpSpec, ...]:
     registration lives in this process only: worker processes must import the module that
     registers it.
     """
-    _require(name not in config.ALL_STAGES, f"{name!r} is a built-in stage; choose another name")
+    config.require(name not in config.ALL_STAGES, f"{name!r} is a built-in stage; choose another name")
     ops = _with_normalize(tuple(ops))
     validate_ops(ops)
     STAGE_SPECS[name] = ops
@@ -248,7 +243,7 @@ def register_stage(name: str, ops: tuple) -> tuple[OpSpec, ...]:
 
 
 def _check_p_aug(p_aug: float) -> float:
-    _require(0.0 <= float(p_aug) <= 1.0, f"p_aug must lie in [0, 1], got {p_aug}")
+    config.require(0.0 <= float(p_aug) <= 1.0, f"p_aug must lie in [0, 1], got {p_aug}")
     return float(p_aug)
 
 
@@ -897,8 +892,8 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0) -> torch.Tensor:
     """A fixed-magnitude corruption of uint8 images (N, 3, H, W) -> uint8, deterministic for ``seed``."""
-    _require(kind in CORRUPTION_KINDS, f"unknown corruption {kind!r}; choose one of {CORRUPTION_KINDS}")
-    _require(severity in SEVERITIES, f"severity must be one of {SEVERITIES}, got {severity!r}")
+    config.require(kind in CORRUPTION_KINDS, f"unknown corruption {kind!r}; choose one of {CORRUPTION_KINDS}")
+    config.require(severity in SEVERITIES, f"severity must be one of {SEVERITIES}, got {severity!r}")
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
     gen = torch.Generator().manual_seed(int(seed))  # CPU draws: the same result on any device

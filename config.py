@@ -23,6 +23,8 @@ FIGURES_DIR = REPORTS_DIR / "figures"
 RUNS_DIR = REPORTS_DIR / "runs"
 
 NUM_CLASSES = 10
+# One display name per model, used by every table and figure.
+MODEL_DISPLAY_NAMES = {"simplecnn": "SimpleCNN", "resnet18": "ResNet18Cifar"}
 CLASS_NAMES = tuple(str(digit) for digit in range(NUM_CLASSES))
 IMAGE_SHAPE = (3, 32, 32)
 
@@ -69,7 +71,8 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what would."""
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError with ``message`` unless ``ok`` (every module's input checks use this)."""
     if not ok:
         raise ConfigError(message)
 
@@ -128,23 +131,23 @@ class TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the valid choices for the first bad field."""
-    _require(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of {MODELS}")
-    _require(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
-    _require(cfg.stage in ALL_STAGES or cfg.stage in CUSTOM_STAGES,
+    require(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of {MODELS}")
+    require(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
+    require(cfg.stage in ALL_STAGES or cfg.stage in CUSTOM_STAGES,
              f"unknown stage {cfg.stage!r}; choose one of {ALL_STAGES + tuple(sorted(CUSTOM_STAGES))}")
-    _require(0.0 <= cfg.p_aug <= 1.0, f"p_aug must lie in [0, 1], got {cfg.p_aug}")
-    _require(cfg.optimizer in OPTIMIZERS, f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
-    _require(cfg.scheduler in SCHEDULERS, f"unknown scheduler {cfg.scheduler!r}; choose one of {SCHEDULERS}")
-    _require(cfg.loader in LOADERS, f"unknown loader {cfg.loader!r}; choose one of {LOADERS}")
-    _require(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {tuple(PRESETS)}")
-    _require(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
-    _require(cfg.batch_size >= 1, f"batch_size must be at least 1, got {cfg.batch_size}")
-    _require(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
-    _require(cfg.weight_decay >= 0, f"weight_decay must be non-negative, got {cfg.weight_decay}")
-    _require(0.0 < cfg.val_fraction < 1.0, f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
-    _require(0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing must lie in [0, 1), got {cfg.label_smoothing}")
-    _require(0.0 <= cfg.kd_alpha <= 1.0, f"kd_alpha must lie in [0, 1], got {cfg.kd_alpha}")
-    _require(cfg.kd_temperature > 0, f"kd_temperature must be positive, got {cfg.kd_temperature}")
+    require(0.0 <= cfg.p_aug <= 1.0, f"p_aug must lie in [0, 1], got {cfg.p_aug}")
+    require(cfg.optimizer in OPTIMIZERS, f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
+    require(cfg.scheduler in SCHEDULERS, f"unknown scheduler {cfg.scheduler!r}; choose one of {SCHEDULERS}")
+    require(cfg.loader in LOADERS, f"unknown loader {cfg.loader!r}; choose one of {LOADERS}")
+    require(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {tuple(PRESETS)}")
+    require(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
+    require(cfg.batch_size >= 1, f"batch_size must be at least 1, got {cfg.batch_size}")
+    require(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+    require(cfg.weight_decay >= 0, f"weight_decay must be non-negative, got {cfg.weight_decay}")
+    require(0.0 < cfg.val_fraction < 1.0, f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
+    require(0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing must lie in [0, 1), got {cfg.label_smoothing}")
+    require(0.0 <= cfg.kd_alpha <= 1.0, f"kd_alpha must lie in [0, 1], got {cfg.kd_alpha}")
+    require(cfg.kd_temperature > 0, f"kd_temperature must be positive, got {cfg.kd_temperature}")
 
 
 # The original study's exact settings (FACTS.md) and a stronger recipe.
@@ -164,7 +167,7 @@ PRESETS: dict[str, dict] = {
 
 def preset_config(preset: str = "original", **overrides) -> TrainConfig:
     """A TrainConfig from a named preset, with any field overridden."""
-    _require(preset in PRESETS, f"unknown preset {preset!r}; choose one of {tuple(PRESETS)}")
+    require(preset in PRESETS, f"unknown preset {preset!r}; choose one of {tuple(PRESETS)}")
     fields = {**PRESETS[preset], "preset": preset, **overrides}
     return TrainConfig(**fields)
 
