@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import config
-from config import ConfigError
 
 # --------------------------------------------------------------------------------------------
 # Op specs: plain frozen dataclasses, validated on construction.
