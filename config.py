@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +56,12 @@ NOFLIP_STAGES = tuple(f"{stage}{NOFLIP_SUFFIX}" for stage in STAGES[1:])
 # torchvision's learned policies; they run through the per-sample path only.
 POLICY_STAGES = ("autoaugment_svhn", "randaugment", "trivialaugment")
 ALL_STAGES = STAGES + NOFLIP_STAGES + POLICY_STAGES
+
 # Names added at run time by augmentations.register_stage (a user's own stages).
 CUSTOM_STAGES: set[str] = set()
 
 P_AUG_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+PRESET_NAMES = ("original", "strong")  # settings in PRESETS below
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "onecycle", "cosine")
 LOADERS = ("device", "torch")  # fast on-device batches, or the original per-sample DataLoader
@@ -77,40 +82,47 @@ def require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _field(default, help_text: str, choices: tuple[str, ...] | None = None):
+    """A TrainConfig field whose help text (and choices) the command line shows as they are."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines one training run; reports store ``asdict(cfg)``."""
 
-    model: str = "simplecnn"
-    dataset: str = "synthetic"
-    stage: str = "none"
-    p_aug: float = 0.0
-    seed: int = 42
-    epochs: int = 15
-    batch_size: int = 384
-    eval_batch_size: int = 2048
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    nesterov: bool = False
-    scheduler: str = "none"
-    label_smoothing: float = 0.0
-    val_fraction: float = 0.1
-    # Use only this many training images (stratified subsample); None = the whole split.
-    n_train: int | None = None
-    # Evaluate on only this many test images; None = the whole split.
-    n_test: int | None = None
-    loader: str = "device"
-    num_workers: int = 2  # DataLoader workers of the "torch" loader only
-    compile: bool = False
-    # Distillation: run id of the teacher, or None for ordinary training.
-    teacher: str | None = None
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.7
-    preset: str = "original"
+    model: str = _field("simplecnn", "network to train", MODELS)
+    dataset: str = _field("synthetic", "data set (synthetic: the offline SVHN look-alike)", DATASETS)
+    stage: str = _field("none", "augmentation stage (built-in, or a name given to augmentations.register_stage)",
+                        ALL_STAGES)
+    p_aug: float = _field(0.0, "share of training samples that are augmented, in [0, 1]")
+    seed: int = _field(42, "seed of model initialisation, batch order and augmentation draws")
+    epochs: int = _field(15, "training epochs")
+    batch_size: int = _field(384, "training batch size")
+    eval_batch_size: int = _field(2048, "evaluation batch size (does not change results)")
+    optimizer: str = _field("adam", "optimizer", OPTIMIZERS)
+    lr: float = _field(1e-3, "learning rate (the peak rate with the one-cycle schedule)")
+    weight_decay: float = _field(1e-4, "weight decay")
+    momentum: float = _field(0.9, "SGD momentum (sgd only)")
+    nesterov: bool = _field(False, "Nesterov momentum (sgd only)")
+    scheduler: str = _field("none", "learning-rate schedule", SCHEDULERS)
+    label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy, in [0, 1)")
+    val_fraction: float = _field(0.1, "share of the train images held out for validation")
+    n_train: int | None = _field(None, "train on a stratified subset of this many images (default: the whole split)")
+    n_test: int | None = _field(None, "test on a stratified subset of this many images (default: the whole split)")
+    loader: str = _field("device", "device: batches and augmentation on the device; torch: the original "
+                                   "per-sample DataLoader pipeline", LOADERS)
+    num_workers: int = _field(2, "DataLoader worker processes of the torch loader")
+    compile: bool = _field(False, "wrap the model in torch.compile")
+    teacher: str | None = _field(None, "run id of a teacher to distil from (default: none)")
+    kd_temperature: float = _field(4.0, "distillation temperature T")
+    kd_alpha: float = _field(0.7, "weight of the distillation term, in [0, 1]")
+    preset: str = _field("original", "named settings the other fields start from", tuple(PRESET_NAMES))
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        for name in _FLOAT_FIELDS:  # 1 and 1.0 are the same setting: store floats
+            object.__setattr__(self, name, float(getattr(self, name)))
         validate_config(self)
 
     def effective(self) -> TrainConfig:
@@ -119,35 +131,80 @@ class TrainConfig:
             return dataclasses.replace(self, stage="none", p_aug=0.0)
         return self
 
+    def identity(self) -> dict:
+        """The settings that change a run's result, in canonical form: what a run id hashes.
+
+        Left out: the evaluation batch size, the preset's name (its values are in the other
+        fields), DataLoader workers when the device loader runs, distillation settings without a teacher.
+        """
+        fields = dataclasses.asdict(self.effective())
+        ignored = ["eval_batch_size", "preset"]
+        ignored += ["num_workers"] if self.loader == "device" else []
+        ignored += ["kd_temperature", "kd_alpha"] if self.teacher is None else []
+        return {name: value for name, value in fields.items() if name not in ignored}
+
     def run_id(self) -> str:
         """A readable, unique key of the configuration (identical runs share it)."""
         cfg = self.effective()
-        digest = hashlib.sha1(
-            json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
-        ).hexdigest()[:10]
+        digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
         kind = "kd-" if cfg.teacher else ""
         return f"{cfg.dataset}-{kind}{cfg.model}-{cfg.stage}-p{cfg.p_aug:g}-s{cfg.seed}-{digest}"
 
 
+# Smallest subsets that leave every class a few validation and test images.
+MIN_IMAGES_PER_CLASS = 10
+MIN_IMAGES = MIN_IMAGES_PER_CLASS * NUM_CLASSES
+_FLOAT_FIELDS = ("p_aug", "lr", "weight_decay", "momentum", "label_smoothing", "val_fraction",
+                 "kd_temperature", "kd_alpha")
+
+
+def _type_ok(value, hint) -> bool:
+    """Whether ``value`` fits a field's annotation: ints are ints (not bools), floats are finite numbers."""
+    if isinstance(hint, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, field.name), hints[field.name]
+        expected = getattr(hint, "__name__", str(hint))
+        require(_type_ok(value, hint), f"{field.name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
 def validate_config(cfg: TrainConfig) -> None:
-    """Raise ConfigError naming the valid choices for the first bad field."""
-    require(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of {MODELS}")
-    require(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
-    require(cfg.stage in ALL_STAGES or cfg.stage in CUSTOM_STAGES,
-             f"unknown stage {cfg.stage!r}; choose one of {ALL_STAGES + tuple(sorted(CUSTOM_STAGES))}")
+    """Raise ConfigError naming the valid choices or range for the first bad field."""
+    for field in dataclasses.fields(cfg):
+        choices = field.metadata.get("choices")
+        if choices and field.name != "stage":  # custom stages are checked where they are registered
+            value = getattr(cfg, field.name)
+            require(value in choices, f"unknown {field.name} {value!r}; choose one of {choices}")
+    require(cfg.stage != "", "stage must be a stage name, e.g. 'stage1_basic' or 'none'")
     require(0.0 <= cfg.p_aug <= 1.0, f"p_aug must lie in [0, 1], got {cfg.p_aug}")
-    require(cfg.optimizer in OPTIMIZERS, f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
-    require(cfg.scheduler in SCHEDULERS, f"unknown scheduler {cfg.scheduler!r}; choose one of {SCHEDULERS}")
-    require(cfg.loader in LOADERS, f"unknown loader {cfg.loader!r}; choose one of {LOADERS}")
-    require(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose one of {tuple(PRESETS)}")
-    require(cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}")
-    require(cfg.batch_size >= 1, f"batch_size must be at least 1, got {cfg.batch_size}")
+    require(cfg.seed >= 0, f"seed must be a non-negative integer, got {cfg.seed}")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        require(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    require(cfg.num_workers >= 0, f"num_workers must be 0 or more, got {cfg.num_workers}")
     require(cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
     require(cfg.weight_decay >= 0, f"weight_decay must be non-negative, got {cfg.weight_decay}")
+    require(0.0 <= cfg.momentum < 1.0, f"momentum must lie in [0, 1), got {cfg.momentum}")
     require(0.0 < cfg.val_fraction < 1.0, f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
     require(0.0 <= cfg.label_smoothing < 1.0, f"label_smoothing must lie in [0, 1), got {cfg.label_smoothing}")
     require(0.0 <= cfg.kd_alpha <= 1.0, f"kd_alpha must lie in [0, 1], got {cfg.kd_alpha}")
     require(cfg.kd_temperature > 0, f"kd_temperature must be positive, got {cfg.kd_temperature}")
+    for name in ("n_train", "n_test"):
+        size = getattr(cfg, name)
+        require(size is None or size >= MIN_IMAGES,
+                f"{name} must be at least {MIN_IMAGES} ({MIN_IMAGES_PER_CLASS} images per class), got {size}")
 
 
 # The original study's exact settings (FACTS.md) and a stronger recipe.

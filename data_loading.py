@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +34,19 @@ from synthetic_svhn import ensure_synthetic_svhn, make_synthetic_svhn
 __all__ = [
     "DatasetError",
     "DeviceLoader",
+    "RunData",
+    "SPLIT_SEED",
     "SVHN_FILES",
     "clear_cache",
     "compute_channel_stats",
     "get_dataloaders_with_custom_train_transform",
     "load_split",
+    "per_sample_loaders",
+    "prepare_data",
     "make_synthetic_svhn",
     "read_svhn_mat",
     "set_seed",
+    "split_data",
     "split_indices",
     "stratified_subset",
     "train_val_split",
@@ -407,27 +413,104 @@ class DeviceLoader:
         self.aug_generator.set_state(state["aug_generator"])
 
 
+# ----------------------------------------------------------------------------- a run's data
+
+# Subsets and the validation split use a fixed seed, so runs with different seeds differ only in
+# initialisation, batch order and augmentation draws, and every run of a dataset is tested on the
+# same images.
+SPLIT_SEED = 0
+
+
+@dataclass
+class RunData:
+    """Train / validation / test tensors of one dataset configuration (uint8 on the CPU)."""
+
+    train_x: torch.Tensor  # (N_train, 3, 32, 32) uint8
+    train_y: torch.Tensor  # (N_train,) int64
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, float, float]  # channel statistics of train_x, in [0, 1] units
+    std: tuple[float, float, float]
+    # Corrupted test copies (kind, severity) -> uint8 (N, 3, 32, 32): made once per process, reused by every run.
+    corrupted: dict = field(default_factory=dict)
+
+
+def split_data(
+    dataset: str,
+    *,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = SPLIT_SEED,
+    root: str | Path | None = None,
+) -> RunData:
+    """Load a dataset and split it: a stratified subset of ``n_train`` train images (all when None),
+    a stratified validation share out of it, and a stratified subset of ``n_test`` test images."""
+    images, labels = load_split(dataset, "train", root)
+    train_idx, val_idx = split_indices(labels, val_fraction, seed, n_train)
+    test_x, test_y = load_split(dataset, "test", root)
+    if n_test is not None and n_test < len(test_y):
+        keep = stratified_subset(test_y, n_test, seed)
+        test_x, test_y = test_x[keep], test_y[keep]
+    mean, std = compute_channel_stats(images[train_idx])
+    return RunData(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx],
+                   test_x, test_y, tuple(mean), tuple(std))
+
+
+_RUN_DATA: dict[tuple, RunData] = {}
+
+
+def prepare_data(cfg: config.TrainConfig) -> RunData:
+    """The split a configuration asks for (``split_data`` with SPLIT_SEED), cached per process."""
+    key = (cfg.dataset, cfg.n_train, cfg.n_test, cfg.val_fraction, str(config.DATA_DIR))
+    if key not in _RUN_DATA:
+        _RUN_DATA[key] = split_data(cfg.dataset, n_train=cfg.n_train, n_test=cfg.n_test,
+                                    val_fraction=cfg.val_fraction)
+    return _RUN_DATA[key]
+
+
 # ----------------------------------------------------------------------------- per-sample torch path
 
 
 class TensorImageDataset(Dataset):
-    """Samples ``indices`` of uint8 images (N, 3, H, W), handed to ``transform`` as PIL images."""
+    """uint8 images (N, 3, H, W) handed to ``transform`` one at a time as PIL images."""
 
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, transform: Callable | None
-    ) -> None:
-        # The full tensors are kept and indexed lazily, so no copy of the split is made.
-        self.images, self.labels, self.indices, self.transform = images, labels, indices, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.labels)
 
     def __getitem__(self, i: int):
-        j = int(self.indices[i])
-        image = Image.fromarray(self.images[j].permute(1, 2, 0).numpy())  # (H, W, 3) uint8
+        image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())  # (H, W, 3) uint8
         if self.transform is not None:
             image = self.transform(image)
-        return image, int(self.labels[j])
+        return image, int(self.labels[i])
+
+
+def per_sample_loaders(
+    data: RunData,
+    train_transform: Callable,
+    eval_transform: Callable,
+    *,
+    batch_size: int = 384,
+    eval_batch_size: int | None = None,
+    num_workers: int = 2,
+    seed: int = 42,
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """(train, val, test) DataLoaders over per-sample transforms, built from a run's split tensors.
+
+    ``seed`` drives the train order and the workers' seeds (hence their augmentation draws)."""
+    common = dict(num_workers=num_workers, persistent_workers=num_workers > 0,
+                  pin_memory=torch.cuda.is_available())
+    eval_common = dict(common, batch_size=eval_batch_size or batch_size, shuffle=False)
+    train = DataLoader(TensorImageDataset(data.train_x, data.train_y, train_transform), batch_size=batch_size,
+                       shuffle=True, generator=torch.Generator().manual_seed(seed), **common)
+    val = DataLoader(TensorImageDataset(data.val_x, data.val_y, eval_transform), **eval_common)
+    test = DataLoader(TensorImageDataset(data.test_x, data.test_y, eval_transform), **eval_common)
+    return train, val, test
 
 
 def get_dataloaders_with_custom_train_transform(
@@ -445,30 +528,8 @@ def get_dataloaders_with_custom_train_transform(
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """(train, val, test) DataLoaders over per-sample transforms, as in the original study.
 
-    The stratified validation split (``split_indices``) uses ``eval_transform``; ``n_train``
-    first subsamples the train split (stratified), ``n_test`` the test split. Shuffling (and the
-    workers' seeds) come from a generator seeded with ``seed``.
+    The split is ``split_data`` with ``seed``; shuffling and the workers' seeds also come from ``seed``.
     """
-    images, labels = load_split(dataset, "train", root)
-    test_images, test_labels = load_split(dataset, "test", root)
-    train_idx, val_idx = split_indices(labels, val_fraction, seed, n_train)
-    test_idx = torch.arange(len(test_labels))
-    if n_test is not None and n_test < len(test_labels):
-        test_idx = stratified_subset(test_labels, n_test, seed)
-    common = dict(
-        batch_size=batch_size,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
-    train = DataLoader(
-        TensorImageDataset(images, labels, train_idx, train_transform),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        **common,
-    )
-    val = DataLoader(TensorImageDataset(images, labels, val_idx, eval_transform), shuffle=False, **common)
-    test = DataLoader(
-        TensorImageDataset(test_images, test_labels, test_idx, eval_transform), shuffle=False, **common
-    )
-    return train, val, test
+    data = split_data(dataset, n_train=n_train, n_test=n_test, val_fraction=val_fraction, seed=seed, root=root)
+    return per_sample_loaders(data, train_transform, eval_transform, batch_size=batch_size,
+                              num_workers=num_workers, seed=seed)

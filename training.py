@@ -218,7 +218,7 @@ def _cudnn_autotune(device: torch.device):
         torch.backends.cudnn.benchmark = previous
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -342,7 +342,7 @@ def train_epoch(
         teacher.eval()
         _prepare(teacher, device)
     stats = _EpochStats(device)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     bar = tqdm(loader, total=_length(loader), desc=f"epoch {epoch}", disable=not progress, leave=False)
     with _cudnn_autotune(device), bar:
@@ -368,7 +368,7 @@ def train_epoch(
                 if progress and mean_loss is not None:
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
     loss, accuracy = stats.finish(epoch)
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {"loss": loss, "accuracy": accuracy, "images": stats.images, "seconds": seconds}
 

@@ -476,3 +476,22 @@ def queue_status(storage: BaseStorage | str | Path | None, study_name: str) -> d
         "failed": {k: reasons[k] for k, states in states_by_key.items() if states == {TrialState.FAIL}},
         "reports": reports,
     }
+
+
+def default_storage() -> str:
+    """The storage used when none is named, as a string (the journal file under REPORTS_DIR)."""
+    return str(default_storage_path())
+
+
+def is_storage(source: str | Path) -> bool:
+    """Whether ``source`` names a queue storage (a URL or a journal / database file), not a folder."""
+    text = str(source)
+    return "://" in text or text.endswith((".journal", ".db"))
+
+
+def fail_interrupted_trials(study: optuna.Study) -> None:
+    """Trials left RUNNING by a killed tuning process are failed, so a resume counts them right.
+    (Tuning is one process per study; the grid's workers have their own recovery.)"""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(_trial_id(trial), "failure_reason", "interrupted")
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)

@@ -1,7 +1,7 @@
 """How long the whole study takes on this machine: a prediction from measured costs, and its check.
 
-The model of cost walks the study's run list exactly as ``experiments.study`` builds it (the grids
-through ``experiments.grid_configs``, then the tuning trials, the final run, the two distillation
+The model of cost walks the study's run list exactly as ``pipeline.run_study`` builds it (the grids
+through ``pipeline.grid_configs``, then the tuning trials, the final run, the two distillation
 runs and the figures) and prices every run from measured rates, nothing assumed:
 
 - training: ``epochs * n_train`` images at the fast path's step rate (no augmentation), plus the
@@ -20,7 +20,7 @@ Tuning trials are priced without pruning (an upper bound for 40 trials; the medi
 after 5). The tuned p_aug is unknown in advance: its expectation (0.5) is used.
 
 ``--validate`` checks the model: it predicts a scaled-down study (one epoch per run, few images,
-a few stages), runs that study for real (``experiments.study`` with ``experiments.study_plan``
+a few stages), runs that study for real (``pipeline.run_study`` with ``pipeline.run_study_plan``
 replaced, in a subprocess whose report, model and data folders are temporary) and compares
 measured with predicted seconds, per part and in total (it passes within 20 %).
 
@@ -59,11 +59,11 @@ SIZES = {
     "svhn": {"train": 73_257, "test": 26_032},
     "synthetic": {"train": config.SYNTHETIC_N_TRAIN, "test": config.SYNTHETIC_N_TEST},
 }
-# The steps of experiments.study, in its order; the first three go through the work queue.
+# The steps of pipeline.run_study, in its order; the first three go through the work queue.
 PARTS = ("simple_grid", "extra", "large_grid", "tuning", "final", "distillation", "figures")
 GRID_PARTS = PARTS[:3]
-EXPECTED_TUNED_P_AUG = 0.5  # the tuned p_aug ~ U(0, 1) (experiments.TUNE_SPACE): its mean
-INFERENCE_IMAGES = 8192  # experiments.inference_throughput's default n_images (a warm-up and a timed pass)
+EXPECTED_TUNED_P_AUG = 0.5  # the tuned p_aug ~ U(0, 1) (pipeline.TUNE_SPACE): its mean
+INFERENCE_IMAGES = 8192  # runs.inference_throughput's default n_images (a warm-up and a timed pass)
 TOLERANCE = 0.2  # --validate passes when |measured - predicted| <= 20 % of the measured time
 
 
@@ -82,8 +82,8 @@ class Job:
 
 
 def study_jobs(plan, dataset: str = "synthetic") -> list[Job]:
-    """Every run the study trains for ``plan``, in the order of ``experiments.study``."""
-    from experiments import grid_configs
+    """Every run the study trains for ``plan``, in the order of ``pipeline.run_study``."""
+    from pipeline import grid_configs
 
     simple = config.preset_config("original", dataset=dataset, epochs=plan.simple_epochs,
                                   n_train=plan.n_train, n_test=plan.n_test)
@@ -164,7 +164,7 @@ def job_seconds(job: Job, throughputs: dict, sizes: dict) -> dict[str, float]:
 
 def comparisons(plan, jobs: list[Job]) -> list[int]:
     """Prediction arrays in each paired comparison of a grid cell with its family's no-augmentation
-    baseline (``experiments.summarize``): baseline seeds + cell seeds."""
+    baseline (``reports.summarize``): baseline seeds + cell seeds."""
     arrays = []
     for grid_parts, seeds in ((("simple_grid", "extra"), len(plan.seeds)), (("large_grid",), 1)):
         cells = {(job.cfg.stage, job.cfg.p_aug) for job in jobs if job.part in grid_parts}
@@ -186,7 +186,7 @@ def summary_seconds(plan, jobs: list[Job], throughputs: dict, sizes: dict) -> di
 
 
 def predict_study_seconds(plan, throughputs: dict, sizes: dict) -> dict:
-    """Predicted wall time of ``experiments.study`` under ``plan`` on the measured device.
+    """Predicted wall time of ``pipeline.run_study`` under ``plan`` on the measured device.
 
     ``throughputs``: the measured rates and fixed costs (``measure_rates`` and ``measure_plan_costs``
     merged into one dict); ``sizes``: the
@@ -340,7 +340,7 @@ def _corrupt_rates(severities, m: Measure) -> dict[str, dict[str, float]]:
 
 def _fixed_costs(models, device: str, m: Measure, tmp: Path) -> dict:
     """Seconds of the per-run and per-epoch bookkeeping: set-up, checkpoint, model save, report."""
-    import experiments
+    import runs
     import training
     from atomic_io import atomic_torch_save
     from model import build_model
@@ -364,7 +364,7 @@ def _fixed_costs(models, device: str, m: Measure, tmp: Path) -> dict:
     report = {"test_labels": "0" * m.stat_images, "test_predictions": "0" * m.stat_images,
               "history": [{"epoch": e, "val_f1_macro": 0.5} for e in range(15)]}
     costs["report_s"] = _median_seconds(
-        lambda: (experiments.git_commit(), atomic_write_json(tmp / "report.json", report)),
+        lambda: (runs.git_commit(), atomic_write_json(tmp / "report.json", report)),
         "cpu", m.repeats)
     return costs
 
@@ -415,7 +415,8 @@ def _optuna_costs(n_trials: int, tmp: Path) -> dict:
     """Per-trial bookkeeping of the tuning (journal storage, TPE, median pruner) and its figures."""
     import optuna
 
-    import experiments
+    import pipeline
+    import reports
     from work_queue import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -425,17 +426,17 @@ def _optuna_costs(n_trials: int, tmp: Path) -> dict:
     base = config.preset_config("original", model="resnet18", stage="stage1_basic")
 
     def objective(trial):
-        cfg = experiments._suggest(trial, base, 3)
+        cfg = pipeline.suggest_config(trial, base, 3)
         for epoch in range(1, cfg.epochs + 1):
             trial.report(cfg.lr * epoch, epoch)
-            trial.should_prune()  # asked after every epoch, as in experiments.tune
+            trial.should_prune()  # asked after every epoch, as in pipeline.tune
         return cfg.lr
 
     start = time.perf_counter()
     study.optimize(objective, n_trials=max(n_trials, 1))
     trial_s = (time.perf_counter() - start) / max(n_trials, 1)
     start = time.perf_counter()
-    experiments.save_tuning_figures(study, "synthetic", out_dir=tmp)
+    reports.save_tuning_figures(study, "synthetic", out_dir=tmp)
     return {"trial_s": trial_s, "tuning_figures_s": time.perf_counter() - start}
 
 
@@ -495,7 +496,7 @@ def scaled_plan(n_train: int | None = None, n_test: int | None = None, resnet_n_
     """A study small enough to run for real: one epoch per run, a few stages, two tuning trials; it
     keeps every kind of work (batched and per-sample stages, comparisons with a baseline in both
     grids, tuning, final run, distillation, figures)."""
-    from experiments import StudyPlan
+    from pipeline import StudyPlan
 
     return StudyPlan(
         simple_stages=("stage1_basic", "stage5_occlusion"), simple_p_augs=(0.0, 1.0), seeds=(42,),
@@ -509,19 +510,21 @@ RESULT_MARK = "STUDY-TIME-RESULT "
 
 
 def run_study_child(plan_fields: dict, device: str, threads: int | None) -> None:
-    """In the subprocess: ``experiments.study`` under ``plan``; prints the seconds of each step."""
-    import experiments
+    """In the subprocess: ``pipeline.run_study`` under ``plan``; prints the seconds of each step."""
+    import pipeline
 
     if threads:
         torch.set_num_threads(threads)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in plan_fields.items()}  # JSON lists back
-    plan = experiments.StudyPlan(**fields)
-    experiments.study_plan = lambda quick: plan
+    plan = pipeline.StudyPlan(**fields)
     marks = []
-    step = experiments._step
-    experiments._step = lambda title: (marks.append(time.perf_counter()), step(title))
+
+    def on_step(title: str) -> None:
+        marks.append(time.perf_counter())
+        pipeline.print_step(title)
+
     start = time.perf_counter()
-    experiments.study("synthetic", quick=False, device=device)
+    pipeline.run_study("synthetic", device=device, plan=plan, on_step=on_step)
     end = time.perf_counter()
     parts = [b - a for a, b in zip(marks, marks[1:] + [end], strict=True)]
     print(RESULT_MARK + json.dumps({"seconds": end - start, "before_first_step_s": marks[0] - start,
@@ -594,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     from bench_training import device_tag, environment
 
-    from experiments import study_plan
+    from pipeline import study_plan
 
     full = study_plan(quick=False)
     small = scaled_plan(resnet_n_train=args.resnet_n_train)

@@ -21,6 +21,7 @@ from data_loading import (
     compute_channel_stats,
     get_dataloaders_with_custom_train_transform,
     load_split,
+    split_data,
     stratified_subset,
     train_val_split,
 )
@@ -363,12 +364,12 @@ def test_torch_loaders_hand_pil_images_and_normalize_like_torchvision(tmp_path):
     train, val, test = get_dataloaders_with_custom_train_transform(
         train_t, eval_t, "svhn", batch_size=16, val_fraction=0.25, seed=0, num_workers=0, root=tmp_path
     )
-    images, labels = load_split("svhn", "train", root=tmp_path)
     assert len(train.dataset) + len(val.dataset) == 120 and len(test.dataset) == 40
+    # The loaders serve the very tensors of the run's split (one data path for both loaders).
+    split = split_data("svhn", val_fraction=0.25, seed=0, root=tmp_path)
     val_x, val_y = next(iter(val))
-    val_idx = val.dataset.indices[: len(val_y)]
-    assert torch.allclose(val_x, TF.normalize(images[val_idx].float() / 255, MEAN, STD), atol=1e-6)
-    assert torch.equal(val_y, labels[val_idx])
+    assert torch.allclose(val_x, TF.normalize(split.val_x[: len(val_y)].float() / 255, MEAN, STD), atol=1e-6)
+    assert torch.equal(val_y, split.val_y[: len(val_y)])
     test_x, test_y = next(iter(test))
     test_images, test_labels = load_split("svhn", "test", root=tmp_path)
     assert test_x[0, CHANNEL, ROW, COL] == pytest.approx((1.0 - MEAN[CHANNEL]) / STD[CHANNEL])

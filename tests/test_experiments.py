@@ -13,7 +13,11 @@ import pytest
 import torch
 
 import config
+import data_loading
 import experiments
+import pipeline
+import reports
+import runs
 from config import ConfigError, TrainConfig
 
 # Tiny runs: a few hundred synthetic images, one or two epochs, CPU.
@@ -34,7 +38,7 @@ def comparable(report: dict) -> dict:
 
 def test_run_writes_report_and_model_and_is_deterministic(project_dirs, monkeypatch):
     cfg = tiny_config(stage="stage5_occlusion", p_aug=0.5, seed=3)
-    first = experiments.run(cfg, severities=SEVERITIES)
+    first = runs.run(cfg, severities=SEVERITIES)
     run_id = cfg.run_id()
     report = json.loads((config.RUNS_DIR / f"{run_id}.json").read_text())
     assert report["config"]["stage"] == "stage5_occlusion" and report["synthetic"] is True
@@ -47,20 +51,20 @@ def test_run_writes_report_and_model_and_is_deterministic(project_dirs, monkeypa
 
     # A finished identical run is loaded, not retrained.
     with monkeypatch.context() as patch:
-        patch.setattr(experiments, "train_model", lambda *a, **k: pytest.fail("retrained a finished run"))
-        assert experiments.run(cfg, severities=SEVERITIES) == first
+        patch.setattr(runs, "train_model", lambda *a, **k: pytest.fail("retrained a finished run"))
+        assert runs.run(cfg, severities=SEVERITIES) == first
 
     # The same seed in a fresh reports folder gives identical metrics on the CPU.
     fresh = project_dirs / "again"
     monkeypatch.setattr(config, "RUNS_DIR", fresh / "runs")
     monkeypatch.setattr(config, "MODELS_DIR", fresh / "models")
-    second = experiments.run(cfg, severities=SEVERITIES)
+    second = runs.run(cfg, severities=SEVERITIES)
     assert comparable(second) == comparable(first)
 
 
 def test_interrupted_run_resumes_to_the_same_result(project_dirs, monkeypatch):
     cfg = tiny_config(epochs=2, stage="stage2_geometry", p_aug=1.0)
-    reference = experiments.run(cfg, severities=SEVERITIES)
+    reference = runs.run(cfg, severities=SEVERITIES)
 
     monkeypatch.setattr(config, "RUNS_DIR", project_dirs / "b" / "runs")
     monkeypatch.setattr(config, "MODELS_DIR", project_dirs / "b" / "models")
@@ -70,12 +74,12 @@ def test_interrupted_run_resumes_to_the_same_result(project_dirs, monkeypatch):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        experiments.run(cfg, severities=SEVERITIES, on_epoch_end=crash_after_first_epoch)
-    assert experiments.checkpoint_path(cfg.run_id()).exists()
-    assert not experiments.report_path(cfg.run_id()).exists()
-    resumed = experiments.run(cfg, severities=SEVERITIES)
+        runs.run(cfg, severities=SEVERITIES, on_epoch_end=crash_after_first_epoch)
+    assert runs.checkpoint_path(cfg.run_id()).exists()
+    assert not runs.report_path(cfg.run_id()).exists()
+    resumed = runs.run(cfg, severities=SEVERITIES)
     assert comparable(resumed) == comparable(reference)
-    assert not experiments.checkpoint_path(cfg.run_id()).exists()
+    assert not runs.checkpoint_path(cfg.run_id()).exists()
 
 
 @pytest.mark.parametrize(
@@ -89,48 +93,48 @@ def test_bad_configuration_is_a_clear_error(overrides, expected):
 
 
 def test_cli_bad_input_exits_2_with_message(project_dirs, capsys):
-    assert experiments.main(["run", "--stage", "nope", "--n-train", "300"]) == 2
-    assert "unknown stage 'nope'" in capsys.readouterr().err
+    assert experiments.main(["run", "--p-aug", "1.5", "--n-train", "300"]) == 2
+    assert "p_aug must lie in [0, 1]" in capsys.readouterr().err
 
 
 def test_p_aug_zero_is_one_run_for_every_stage():
     base = tiny_config()
-    configs = experiments.grid_configs(["simplecnn"], config.STAGES[1:], [0.0, 0.5], [1, 2], base)
+    configs = pipeline.grid_configs(["simplecnn"], config.STAGES[1:], [0.0, 0.5], [1, 2], base)
     # 5 stages x p=0.5 x 2 seeds + the shared p=0 baseline x 2 seeds
     assert len(configs) == 12
     assert sum(c.stage == "none" for c in configs) == 2
 
 
 def test_corrupt_report_is_a_clear_error_and_loses_nothing(project_dirs):
-    good = experiments.run(tiny_config(seed=5), severities=SEVERITIES)
+    good = runs.run(tiny_config(seed=5), severities=SEVERITIES)
     bad = config.RUNS_DIR / "synthetic-simplecnn-broken.json"
     bad.write_text('{"schema_version": 1, "run_id": ')
-    with pytest.raises(experiments.ReportError, match="broken.json.*delete it"):
-        experiments.load_reports()
-    assert experiments.report_path(good["run_id"]).exists()
+    with pytest.raises(runs.ReportError, match="broken.json.*delete it"):
+        reports.load_reports()
+    assert runs.report_path(good["run_id"]).exists()
     bad.unlink()
-    assert list(experiments.load_reports()["run_id"]) == [good["run_id"]]
+    assert list(reports.load_reports()["run_id"]) == [good["run_id"]]
 
 
 def test_grid_summary_and_figures(project_dirs):
     journal = str(project_dirs / "queue.journal")
     base = tiny_config()
-    reports = experiments.grid(["simplecnn"], ["stage1_basic", "stage5_occlusion"], [0.0, 1.0], [7],
-                               base=base, storage=journal, study_name="g", severities=SEVERITIES)
-    assert len(reports) == 3
-    assert experiments.enqueue_grid(experiments.grid_configs(["simplecnn"], ["stage1_basic"], [0.0, 1.0], [7],
-                                                             base), journal, "g") == 0
-    frame = experiments.load_reports()
+    done = pipeline.grid(["simplecnn"], ["stage1_basic", "stage5_occlusion"], [0.0, 1.0], [7],
+                         base=base, storage=journal, queue_name="g", severities=SEVERITIES)
+    assert len(done) == 3
+    assert pipeline.enqueue_grid(pipeline.grid_configs(["simplecnn"], ["stage1_basic"], [0.0, 1.0], [7],
+                                                       base), journal, "g") == 0
+    frame = reports.load_reports()
     assert len(frame) == 3
-    from_storage = experiments.load_reports(journal, "g")
+    from_storage = reports.load_reports(journal, "g")
     assert sorted(from_storage["run_id"]) == sorted(frame["run_id"])
 
-    table = experiments.summarize(frame)
+    table = reports.summarize(frame)
     augmented = table[table["stage"] != "none"]
     assert augmented["p_value"].between(0, 1).all() and augmented["p_holm"].ge(augmented["p_value"]).all()
-    markdown, csv_path = experiments.write_summary(frame)
+    markdown, csv_path = reports.write_summary(frame)
     assert "synthetic SVHN (not real data)" in markdown and csv_path.exists()
-    paths = experiments.figures(frame)
+    paths = reports.figures(frame)
     names = {p.name for p in paths}
     assert "synthetic_simplecnn_heatmap_f1.png" in names and "synthetic_simplecnn_best_confusion.png" in names
     assert all(p.stat().st_size > 1000 for p in paths)
@@ -142,7 +146,7 @@ def test_tune_is_resumable_and_records_divergence(project_dirs, monkeypatch):
     journal = str(project_dirs / "tune.journal")
     base = tiny_config(n_train=300)
     calls = []
-    real_train_model = experiments.train_model
+    real_train_model = runs.train_model
 
     def sometimes_diverge(cfg, device, **kwargs):
         calls.append(cfg)
@@ -150,23 +154,23 @@ def test_tune_is_resumable_and_records_divergence(project_dirs, monkeypatch):
             raise DivergenceError(1, 3, float("nan"))
         return real_train_model(cfg, device, **kwargs)
 
-    monkeypatch.setattr(experiments, "train_model", sometimes_diverge)
-    study = experiments.tune(2, base=base, epochs=1, storage=journal, study_name="t")
+    monkeypatch.setattr(pipeline, "train_model", sometimes_diverge)
+    study = pipeline.tune(2, base=base, epochs=1, storage=journal, queue_name="t")
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "FAIL"]
     assert "epoch 1" in study.trials[1].user_attrs["failure_reason"]
-    study = experiments.tune(3, base=base, epochs=1, storage=journal, study_name="t")
+    study = pipeline.tune(3, base=base, epochs=1, storage=journal, queue_name="t")
     assert len(study.trials) == 3 and len(calls) == 3
     assert (config.FIGURES_DIR / "synthetic_tuning_optimization_history.png").exists()
 
 
 def test_distill_compares_teacher_student_and_student_alone(project_dirs):
-    teacher = experiments.run(tiny_config(seed=11), severities=SEVERITIES)
-    table = experiments.distill(teacher["run_id"], "simplecnn", epochs=1, severities=SEVERITIES)
+    teacher = runs.run(tiny_config(seed=11), severities=SEVERITIES)
+    table = pipeline.distill(teacher["run_id"], "simplecnn", epochs=1, severities=SEVERITIES)
     names = [row["name"] for row in table["rows"]]
     assert names == ["teacher (simplecnn)", "distilled student (simplecnn)", "student alone (simplecnn)"]
     assert all(row["checkpoint_mb"] > 0 and row["ci_low"] <= row["f1_macro"] for row in table["rows"])
-    student = experiments.read_report(experiments.report_path(table["rows"][1]["run_id"]))
+    student = runs.read_report(runs.report_path(table["rows"][1]["run_id"]))
     assert student["config"]["teacher"] == teacher["run_id"]
     assert table["rows"][1]["run_id"] != table["rows"][2]["run_id"]
 
@@ -178,10 +182,10 @@ def _worker_command(storage: str, study: str) -> list[str]:
 
 def test_three_worker_processes_run_each_cell_once(project_dirs):
     journal = str(project_dirs / "workers.journal")
-    configs = experiments.grid_configs(["simplecnn"], ["stage1_basic", "stage3_color"], [0.5, 1.0], [1],
+    configs = pipeline.grid_configs(["simplecnn"], ["stage1_basic", "stage3_color"], [0.5, 1.0], [1],
                                        tiny_config(n_train=300))
-    experiments.enqueue_grid(configs, journal, "w", severities=SEVERITIES)
-    experiments.prepare_data(configs[0])
+    pipeline.enqueue_grid(configs, journal, "w", severities=SEVERITIES)
+    data_loading.prepare_data(configs[0])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen(_worker_command(journal, "w"), env=env, stdout=subprocess.PIPE, text=True)
                for _ in range(3)]
@@ -195,13 +199,13 @@ def test_three_worker_processes_run_each_cell_once(project_dirs):
 def test_killed_study_resumes_to_the_same_reports(project_dirs, monkeypatch):
     """A tiny study killed mid-way and started again ends with the reports of an uninterrupted one."""
     script = (
-        "import sys, experiments\n"
-        "experiments.study_plan = lambda quick: experiments.StudyPlan(\n"
+        "import pipeline\n"
+        "plan = pipeline.StudyPlan(\n"
         "    simple_stages=('stage1_basic',), simple_p_augs=(0.0, 1.0), seeds=(1,), extra_stages=(),\n"
         "    resnet_stages=('stage1_basic',), resnet_p_augs=(0.0,), simple_epochs=1, resnet_epochs=1,\n"
         "    tune_trials=1, tune_epochs=1, final_epochs=1, n_train=300, n_test=200, resnet_n_train=150,\n"
         "    severities=(2,), large_model='simplecnn')\n"
-        "experiments.study('synthetic', quick=True, heartbeat=1)\n"
+        "pipeline.run_study('synthetic', quick=True, heartbeat=1, plan=plan)\n"
     )
     env_a = {**os.environ, "SVHN_AUG_REPORTS_DIR": str(project_dirs / "a" / "reports"),
              "SVHN_AUG_MODELS_DIR": str(project_dirs / "a" / "models"), "OMP_NUM_THREADS": "2"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import config
-import experiments
+import runs
 import training
 from augmentations import BatchAugment
 from data_loading import DeviceLoader
@@ -58,8 +58,8 @@ def test_fast_path_trains_to_the_accuracy_of_the_original_pipeline(project_dirs,
         "original", dataset="synthetic", model="simplecnn", stage="stage2_geometry_noflip", p_aug=0.5,
         epochs=6, batch_size=64, eval_batch_size=512, lr=4e-3, scheduler="onecycle", seed=2, num_workers=0,
     )
-    fast = experiments.run(dataclasses.replace(base, loader="device"), device=device, severities=(2,))
-    original = experiments.run(dataclasses.replace(base, loader="torch"), device=device, severities=(2,))
+    fast = runs.run(dataclasses.replace(base, loader="device"), device=device, severities=(2,))
+    original = runs.run(dataclasses.replace(base, loader="torch"), device=device, severities=(2,))
     assert fast["augment_path"] == "batched" and fast["config"]["loader"] == "device"
     assert original["config"]["loader"] == "torch"
     accuracy_fast, accuracy_original = fast["test"]["accuracy"], original["test"]["accuracy"]

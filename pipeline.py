@@ -1,0 +1,349 @@
+"""The study built from runs: the stage x p_aug grid through the work queue, Optuna tuning,
+distillation, presets side by side, and the study plan with the function that runs it all."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+
+import config
+from atomic_io import atomic_write_json
+from config import ConfigError, TrainConfig
+from data_loading import prepare_data
+from reports import DEFAULT_QUEUE_NAME, comparison_row, figures, load_reports, save_tuning_figures, write_summary
+from runs import DEFAULT_SEVERITIES, parse_digits, read_report, report_path, run, train_model
+from stats import compare_to_baseline, format_estimate, seed_summary
+from training import DivergenceError
+from work_queue import default_storage, enqueue_cells, fail_interrupted_trials, open_storage, run_worker
+
+TUNE_QUEUE_NAME = "tuning"  # prefixed with the dataset: "<dataset>-tuning"
+
+
+# ---------------------------------------------------------------- the grid as a work queue
+
+
+def grid_configs(models, stages, p_augs, seeds, base: TrainConfig) -> list[TrainConfig]:
+    """Every cell and seed as a configuration; cells that train identically appear once
+    (p_aug = 0 is the same run for every stage)."""
+    configs = {}
+    for model in models:
+        for stage in stages:
+            for p_aug in p_augs:
+                for seed in seeds:
+                    cfg = dataclasses.replace(base, model=model, stage=stage, p_aug=float(p_aug), seed=seed)
+                    configs.setdefault(cfg.run_id(), cfg.effective())
+    return list(configs.values())
+
+
+def enqueue_grid(configs: list[TrainConfig], storage: str, queue_name: str,
+                 severities=DEFAULT_SEVERITIES) -> int:
+    """Put every configuration in the queue once (from this one process); returns how many were new."""
+    cells = [{"cell_key": cfg.run_id(), "config": dataclasses.asdict(cfg), "severities": list(severities)}
+             for cfg in configs]
+    return enqueue_cells(open_storage(storage), queue_name, cells)
+
+
+def worker(storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME, *, device: str = "auto",
+           progress: bool = False, heartbeat: float = 30.0) -> int:
+    """Take waiting cells from the queue and run them until none is left; returns cells run.
+
+    A cell whose worker stops sending heartbeats for 4 x ``heartbeat`` seconds is retried by
+    another worker (see work_queue). ``run`` loads a finished report, so a rare double claim
+    never trains twice.
+    """
+    def execute(cell: dict) -> dict:
+        return run(TrainConfig(**cell["config"]), device=device, progress=progress,
+                   severities=tuple(cell["severities"]))
+
+    return run_worker(open_storage(storage or default_storage()), queue_name, execute,
+                      value_key=None, heartbeat_interval=heartbeat, grace_period=4 * heartbeat)
+
+
+def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GRID, seeds=(42,), *,
+         base: TrainConfig | None = None, storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME,
+         workers: int = 1, device: str = "auto", severities=DEFAULT_SEVERITIES,
+         progress: bool = False, heartbeat: float = 30.0) -> list[dict]:
+    """Run a models x stages x p_augs x seeds grid through the queue; returns the reports.
+
+    ``workers > 1`` starts that many worker processes on this machine; more workers on other
+    machines can join with ``python experiments.py worker --storage URL --study NAME``.
+    """
+    base = base or config.preset_config("original")
+    configs = grid_configs(models, stages, p_augs, seeds, base)
+    storage = storage or default_storage()
+    enqueue_grid(configs, storage, queue_name, severities)
+    if workers <= 1:
+        worker(storage, queue_name, device=device, progress=progress, heartbeat=heartbeat)
+    else:
+        prepare_data(configs[0])  # generate / cache the data once, before the workers race for it
+        _run_worker_processes(workers, storage, queue_name, device, heartbeat)
+    return _collect_reports(configs)
+
+
+def _run_worker_processes(workers: int, storage: str, queue_name: str, device: str, heartbeat: float) -> None:
+    command = [sys.executable, str(config.ROOT / "experiments.py"), "worker", "--storage", storage,
+               "--study", queue_name, "--device", device, "--heartbeat", str(heartbeat)]
+    processes = [subprocess.Popen(command) for _ in range(workers)]
+    codes = [process.wait() for process in processes]
+    if any(codes):
+        print(f"warning: worker exit codes {codes}; unfinished cells stay queued", file=sys.stderr)
+
+
+def _collect_reports(configs: list[TrainConfig]) -> list[dict]:
+    missing = [cfg.run_id() for cfg in configs if not report_path(cfg.run_id()).exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} cell(s) did not finish: {missing[:5]}...; see the queue's "
+                           "failed trials (python experiments.py status) and run a worker again")
+    return [read_report(report_path(cfg.run_id())) for cfg in configs]
+
+
+# ---------------------------------------------------------------- Optuna tuning
+
+TUNE_SPACE = {"lr": (1e-4, 5e-3), "weight_decay": (1e-6, 1e-3), "p_aug": (0.0, 1.0),
+              "scheduler": config.SCHEDULERS}
+
+
+def suggest_config(trial: optuna.Trial, base: TrainConfig, epochs: int) -> TrainConfig:
+    """A trial's configuration from the original study's search space (FACTS.md, part 5)."""
+    return dataclasses.replace(
+        base, epochs=epochs,
+        lr=trial.suggest_float("lr", *TUNE_SPACE["lr"], log=True),
+        weight_decay=trial.suggest_float("weight_decay", *TUNE_SPACE["weight_decay"], log=True),
+        p_aug=trial.suggest_float("p_aug", *TUNE_SPACE["p_aug"]),
+        scheduler=trial.suggest_categorical("scheduler", list(TUNE_SPACE["scheduler"])),
+    )
+
+
+def tune(n_trials: int = 40, *, base: TrainConfig | None = None, epochs: int = 3, storage: str | None = None,
+         queue_name: str | None = None, device: str = "auto", seed: int = 42,
+         progress: bool = False) -> optuna.Study:
+    """TPE over lr, weight decay, p_aug and scheduler with a median pruner; resumable.
+
+    ``n_trials`` is the total wanted in the study: a resumed study only runs the rest.
+    A diverging trial (non-finite loss) is recorded as failed with its reason and the study
+    goes on. Returns the Optuna study; figures go to reports/figures/.
+    """
+    base = base or config.preset_config("original", model="resnet18", stage="stage1_basic")
+    device = config.resolve_device(device)
+    tuning = optuna.create_study(
+        study_name=queue_name or f"{base.dataset}-{TUNE_QUEUE_NAME}",
+        storage=open_storage(storage or default_storage()), direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(n_warmup_steps=1),
+        load_if_exists=True,
+    )
+    fail_interrupted_trials(tuning)
+    finished = [t for t in tuning.trials if t.state.is_finished()]
+    remaining = max(0, n_trials - len(finished))
+    if remaining:
+        tuning.optimize(_objective(base, epochs, device, progress), n_trials=remaining, catch=(DivergenceError,))
+    save_tuning_figures(tuning, base.dataset)
+    return tuning
+
+
+def _objective(base: TrainConfig, epochs: int, device: str, progress: bool) -> Callable[[optuna.Trial], float]:
+    """Best validation macro-F1 of a trial's run; reported every epoch so the pruner can stop it."""
+    def objective(trial: optuna.Trial) -> float:
+        cfg = suggest_config(trial, base, epochs)
+
+        def report_epoch(epoch: int, record: dict) -> None:
+            trial.report(record["val_f1_macro"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        try:
+            trained = train_model(cfg, device, progress=progress, on_epoch_end=report_epoch)
+        except DivergenceError as err:
+            trial.set_user_attr("failure_reason", str(err))
+            raise
+        trial.set_user_attr("history", trained.fit_result["history"])
+        return trained.fit_result["best_val_f1_macro"]
+
+    return objective
+
+
+def best_tuned_config(tuning: optuna.Study, base: TrainConfig, epochs: int) -> TrainConfig:
+    """The final model's configuration: the best trial's parameters, trained for ``epochs``."""
+    params = tuning.best_trial.params
+    return dataclasses.replace(base, epochs=epochs, lr=params["lr"], weight_decay=params["weight_decay"],
+                               p_aug=round(params["p_aug"], 2), scheduler=params["scheduler"])
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def best_run_id(model: str = "resnet18", dataset: str | None = None) -> str:
+    """The finished run of ``model`` (trained alone) with the highest test macro-F1."""
+    frame = load_reports()
+    runs = frame[(frame["model"] == model) & frame["teacher"].isna()] if not frame.empty else frame
+    if dataset is not None and not runs.empty:
+        runs = runs[runs["dataset"] == dataset]
+    if runs.empty:
+        raise ConfigError(f"no finished {model} run to use as teacher; train one first (e.g. the grid)")
+    return runs.sort_values("f1_macro", ascending=False).iloc[0]["run_id"]
+
+
+def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, alpha: float = 0.7, *,
+            epochs: int | None = None, dataset: str | None = None, device: str = "auto",
+            progress: bool = False, severities=DEFAULT_SEVERITIES) -> dict:
+    """Train ``student`` from a frozen teacher (same augmented batch), and the same student alone.
+
+    Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE. Writes
+    reports/distillation.json with teacher, distilled student and student alone: macro-F1 with
+    CI, parameters, inference images/s and checkpoint size.
+    """
+    teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else teacher
+    if not report_path(teacher_id).exists():
+        raise ConfigError(f"teacher run {teacher_id!r} not found in {config.RUNS_DIR}")
+    teacher_report = read_report(report_path(teacher_id))
+    teacher_cfg = TrainConfig(**teacher_report["config"])
+    student_cfg = dataclasses.replace(teacher_cfg, model=student, teacher=teacher_id, kd_temperature=T,
+                                      kd_alpha=alpha, epochs=epochs or teacher_cfg.epochs)
+    alone_cfg = dataclasses.replace(student_cfg, teacher=None)
+    reports = {"teacher": teacher_report,
+               "distilled student": run(student_cfg, device=device, progress=progress, severities=severities),
+               "student alone": run(alone_cfg, device=device, progress=progress, severities=severities)}
+    table = {"dataset": teacher_cfg.dataset, "teacher": teacher_id, "T": T, "alpha": alpha,
+             "rows": [comparison_row(name, report) for name, report in reports.items()]}
+    atomic_write_json(config.REPORTS_DIR / "distillation.json", table)
+    return table
+
+
+# ---------------------------------------------------------------- presets side by side
+
+
+def compare_presets(presets=("original", "strong"), *, seeds=(0, 1), dataset: str = "synthetic",
+                    device: str = "auto", **sizes) -> dict:
+    """Train each preset with the same data, sizes and seeds; a paired test on the same test
+    images says whether the last preset beats the first. Written to reports/presets.json."""
+    reports = {name: [run(config.preset_config(name, dataset=dataset, seed=seed, **sizes), device=device)
+                      for seed in seeds] for name in presets}
+    y_true = parse_digits(reports[presets[0]][0]["test_labels"])
+
+    def preds(name):
+        return [parse_digits(r["test_predictions"]) for r in reports[name]]
+
+    test = compare_to_baseline(y_true, preds(presets[0]), preds(presets[-1]))
+    rows = []
+    for name in presets:
+        summary = seed_summary([r["test"]["f1_macro"] for r in reports[name]])
+        rows.append({"preset": name, "f1_macro": format_estimate(summary["mean"], summary["ci_low"],
+                                                                 summary["ci_high"]),
+                     "per_seed": [r["test"]["f1_macro"] for r in reports[name]],
+                     "run_ids": [r["run_id"] for r in reports[name]]})
+    table = {"dataset": dataset, "sizes": sizes, "seeds": list(seeds), "rows": rows,
+             "difference": {"of": f"{presets[-1]} - {presets[0]}", "diff": test["diff"], "low": test["low"],
+                            "high": test["high"], "p_bootstrap": test["p_value"], "p_mcnemar": test["mcnemar_p"]}}
+    atomic_write_json(config.REPORTS_DIR / "presets.json", table)
+    return table
+
+
+# ---------------------------------------------------------------- the whole study
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """Sizes of each part of the study; ``study_plan`` gives the full and the quick one."""
+
+    simple_stages: tuple[str, ...]
+    simple_p_augs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    extra_stages: tuple[str, ...]  # no-flip variants and learned policies, at p_aug = 1
+    resnet_stages: tuple[str, ...]
+    resnet_p_augs: tuple[float, ...]
+    simple_epochs: int
+    resnet_epochs: int
+    tune_trials: int
+    tune_epochs: int
+    final_epochs: int
+    n_train: int | None
+    n_test: int | None
+    resnet_n_train: int | None
+    severities: tuple[int, ...]
+    large_model: str = "resnet18"  # the model of the second grid, the tuning and the teacher
+    batch_size: int = 384
+
+
+def study_plan(quick: bool) -> StudyPlan:
+    if not quick:  # the original study's sizes (FACTS.md), with three seeds per cell
+        return StudyPlan(
+            simple_stages=config.STAGES[1:], simple_p_augs=config.P_AUG_GRID, seeds=(42, 43, 44),
+            extra_stages=config.NOFLIP_STAGES + config.POLICY_STAGES,
+            resnet_stages=config.STAGES[1:], resnet_p_augs=config.P_AUG_GRID,
+            simple_epochs=15, resnet_epochs=5, tune_trials=40, tune_epochs=3, final_epochs=15,
+            n_train=None, n_test=None, resnet_n_train=None, severities=DEFAULT_SEVERITIES,
+        )
+    # Quick: minutes on a 2-core CPU; three stages x three p_aug still show the structure. Batches
+    # of 96 give the small training sets enough optimizer steps to leave chance level.
+    return StudyPlan(
+        simple_stages=("stage1_basic", "stage3_color", "stage5_occlusion"), simple_p_augs=(0.0, 0.5, 1.0),
+        seeds=(42,), extra_stages=("stage3_color_noflip", "trivialaugment"),
+        resnet_stages=("stage1_basic",), resnet_p_augs=(0.0, 0.5),
+        simple_epochs=3, resnet_epochs=1, tune_trials=2, tune_epochs=1, final_epochs=1,
+        n_train=2500, n_test=400, resnet_n_train=500, severities=(2,), batch_size=96,
+    )
+
+
+def study_configs(dataset: str, plan: StudyPlan) -> tuple[TrainConfig, TrainConfig]:
+    """Base configurations of the study's two models (original preset, the plan's sizes)."""
+    simple = config.preset_config("original", dataset=dataset, epochs=plan.simple_epochs,
+                                  n_train=plan.n_train, n_test=plan.n_test, batch_size=plan.batch_size)
+    large = dataclasses.replace(simple, model=plan.large_model, epochs=plan.resnet_epochs,
+                                n_train=plan.resnet_n_train)
+    return simple, large
+
+
+def study_queue(dataset: str, quick: bool, part: str) -> str:
+    """Name of a study part's queue; quick and full studies never share one (a worker runs every
+    waiting cell of its queue, so mixing them would train the other plan's leftovers)."""
+    return f"{dataset}-{'quick' if quick else 'full'}-{part}"
+
+
+def print_step(title: str) -> None:
+    """The default ``on_step`` of ``run_study``: one header line per part."""
+    print(f"== {title}", flush=True)
+
+
+def run_study(dataset: str = "synthetic", quick: bool = False, *, device: str = "auto", storage: str | None = None,
+              workers: int = 1, progress: bool = False, heartbeat: float = 30.0, plan: StudyPlan | None = None,
+              on_step: Callable[[str], None] = print_step) -> str:
+    """What the original notebook did, in order and resumably; returns the summary Markdown.
+
+    ``plan`` replaces ``study_plan(quick)``; ``on_step(title)`` is called as each part starts.
+    Killed and started again, it loads every finished run, resumes the interrupted one from
+    its last epoch, and retries a cell left RUNNING once 4 heartbeats have passed.
+    """
+    plan = plan or study_plan(quick)
+    simple, resnet = study_configs(dataset, plan)
+    common = dict(storage=storage, device=device, workers=workers, severities=plan.severities, progress=progress,
+                  heartbeat=heartbeat)
+    on_step("SimpleCNN stage x p_aug grid")
+    grid(("simplecnn",), plan.simple_stages, plan.simple_p_augs, plan.seeds, base=simple,
+         queue_name=study_queue(dataset, quick, "simplecnn-grid"), **common)
+    on_step("no-flip variants and learned policies")
+    grid(("simplecnn",), plan.extra_stages, (1.0,), plan.seeds, base=simple,
+         queue_name=study_queue(dataset, quick, "simplecnn-extra"), **common)
+    on_step(f"{plan.large_model} grid")
+    grid((plan.large_model,), plan.resnet_stages, plan.resnet_p_augs, plan.seeds[:1], base=resnet,
+         queue_name=study_queue(dataset, quick, f"{plan.large_model}-grid"), **common)
+    on_step("Optuna tuning of ResNet18Cifar")
+    tuning_base = dataclasses.replace(resnet, stage="stage1_basic")
+    tuning = tune(plan.tune_trials, base=tuning_base, epochs=plan.tune_epochs, storage=storage,
+                  queue_name=study_queue(dataset, quick, TUNE_QUEUE_NAME), device=device, progress=progress)
+    on_step("final ResNet18Cifar")
+    final = run(best_tuned_config(tuning, tuning_base, plan.final_epochs),
+                device=device, progress=progress, severities=plan.severities)
+    on_step("distillation into SimpleCNN")
+    distill(final["run_id"], "simplecnn", epochs=plan.final_epochs, device=device, progress=progress,
+            severities=plan.severities)
+    on_step("figures and summary")
+    frame = load_reports()
+    frame = frame[frame["dataset"] == dataset]
+    paths = figures(frame)
+    markdown, csv_path = write_summary(frame)
+    print(f"{len(paths)} figures in {config.FIGURES_DIR}; summary in {csv_path}")
+    return markdown
