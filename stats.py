@@ -12,6 +12,7 @@ anything is called significant (`significant_flags`). Dicts hold plain Python nu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -478,13 +479,28 @@ def _influence_tables(cms: np.ndarray, metric: str) -> np.ndarray:
     return table.reshape(n_seeds, k * k) / k
 
 
-def _seed_group(y_true, preds, metric: str, num_classes: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Metric of each seed's predictions (S,) and the per-image influence of their mean (n,)."""
+def _seed_codes(labels: np.ndarray, preds, num_classes: int, name: str) -> np.ndarray:
+    """Per-seed prediction arrays (a list, or one array for one seed) -> confusion codes (S, n)."""
     stack = _prediction_stack(preds, name)  # (S, n)
-    codes = np.stack([_codes(y_true, p, num_classes) for p in stack])  # (S, n)
-    cms = _batched_confusions(codes.copy(), num_classes)  # (S, K, K)
-    influence = np.take_along_axis(_influence_tables(cms, metric), codes, axis=1)  # (S, n)
-    return _metric_from_confusion(cms, metric), influence.mean(axis=0)
+    if stack.shape[1] != labels.size:
+        raise ValueError(f"{name}: y_true and y_pred differ in length: {labels.size} vs {stack.shape[1]}")
+    return labels * num_classes + _labels(stack.ravel(), num_classes, name).reshape(stack.shape)
+
+
+def _seed_groups(y_true, groups: list, metric: str, num_classes: int, names: list[str]) -> list[tuple]:
+    """For each group of per-seed predictions: (metric of each seed (S,), influence of their mean (n,)).
+
+    All models are scored in one pass: one batched confusion count and one influence lookup.
+    """
+    labels = _labels(y_true, num_classes, "y_true")
+    require(labels.size > 0, "no test images")
+    codes = [_seed_codes(labels, preds, num_classes, name) for preds, name in zip(groups, names, strict=True)]
+    stacked = np.concatenate(codes)  # (M, n), M = all seeds of all groups
+    cms = _batched_confusions(stacked.copy(), num_classes)  # (M, K, K)
+    values = _metric_from_confusion(cms, metric)  # (M,)
+    influence = np.take_along_axis(_influence_tables(cms, metric), stacked, axis=1)  # (M, n)
+    bounds = np.cumsum([c.shape[0] for c in codes])[:-1]
+    return [(v, i.mean(axis=0)) for v, i in zip(np.split(values, bounds), np.split(influence, bounds), strict=True)]
 
 
 def _pooled_seed_variance(groups: Sequence[np.ndarray]) -> tuple[float, int]:
@@ -494,27 +510,40 @@ def _pooled_seed_variance(groups: Sequence[np.ndarray]) -> tuple[float, int]:
     return (squares / df if df else float("nan")), int(df)
 
 
-def _verdict(base, cell, seed_var: float, df: int, confidence: float) -> dict:
-    """One cell against the baseline: diff, its interval, p (None when seed variation is unknown)."""
+def _verdict(base, cell, seed_var: float, crit: tuple[float, float]) -> dict:
+    """One cell against the baseline: diff, its standard error and interval; untested (with a reason)
+    when either side has one seed. p-values are added for the whole family at once."""
     (base_values, base_influence), (cell_values, cell_influence) = base, cell
     n = base_influence.size
     diff = float(cell_values.mean() - base_values.mean())
     test_var = float(np.sum((cell_influence - base_influence) ** 2)) / n**2
     verdict = {"diff": diff, "cell_mean": float(cell_values.mean()), "baseline_mean": float(base_values.mean()),
                "n_seeds": int(cell_values.size), "n_baseline_seeds": int(base_values.size),
-               "test_se": float(np.sqrt(test_var)), "p_value": None, "reason": None}
+               "test_se": float(np.sqrt(test_var)), "reason": None}
     if cell_values.size < 2 or base_values.size < 2:
         # Test-image interval only: normal approximation with the delta-method standard error.
-        half = float(sps.norm.ppf((1 + confidence) / 2)) * verdict["test_se"]
+        half = crit[1] * verdict["test_se"]
         reason = ONE_SEED_REASON if cell_values.size < 2 else ONE_BASELINE_SEED_REASON
         return verdict | {"low": diff - half, "high": diff + half, "se": verdict["test_se"], "reason": reason}
     se = float(np.sqrt(seed_var * (1 / cell_values.size + 1 / base_values.size) + test_var))
-    half = float(sps.t.ppf((1 + confidence) / 2, df)) * se
-    if se > 0:
-        p_value = float(2 * sps.t.sf(abs(diff) / se, df))
-    else:  # identical predictions everywhere: no spread at all
-        p_value = 1.0 if diff == 0 else 0.0
-    return verdict | {"low": diff - half, "high": diff + half, "se": se, "p_value": p_value}
+    half = crit[0] * se
+    return verdict | {"low": diff - half, "high": diff + half, "se": se}
+
+
+def _add_tests(verdicts: dict[str, dict], df: int, alpha: float) -> None:
+    """Two-sided Student-t p-value of every testable cell, Holm over them, significance at alpha."""
+    for verdict in verdicts.values():
+        verdict.update(p_value=None, p_holm=None, significant=False)
+    tested = [v for v in verdicts.values() if v["reason"] is None]
+    if not tested:
+        return
+    diff = np.abs([v["diff"] for v in tested])
+    se = np.array([v["se"] for v in tested])
+    # se = 0 only when nothing varies: diff 0 gives p = 1, any other diff p = 0.
+    t = np.divide(diff, se, out=np.where(diff > 0, np.inf, 0.0), where=se > 0)
+    p_values = np.minimum(2 * sps.t.sf(t, df), 1.0)
+    for verdict, p, p_holm in zip(tested, p_values, holm_bonferroni(p_values), strict=True):
+        verdict.update(p_value=float(p), p_holm=float(p_holm), significant=bool(p_holm <= alpha))
 
 
 def compare_family(
@@ -561,20 +590,19 @@ def compare_family(
     _check_metric(metric)
     require(0.0 < alpha < 1.0, f"alpha must lie in (0, 1), got {alpha}")
     require(0.0 < confidence < 1.0, f"confidence must lie in (0, 1), got {confidence}")
-    base = _seed_group(y_true, baseline_preds, metric, num_classes, "baseline_preds")
-    groups = {name: _seed_group(y_true, preds, metric, num_classes, f"cells[{name!r}]")
-              for name, preds in cells.items()}
-    seed_var, df = _pooled_seed_variance([base[0]] + [values for values, _ in groups.values()])
-    verdicts = {name: _verdict(base, group, seed_var, df, confidence) for name, group in groups.items()}
-    tested = [name for name, v in verdicts.items() if v["p_value"] is not None]
-    adjusted = holm_bonferroni([verdicts[name]["p_value"] for name in tested])
+    names = list(cells)
+    base, *scored = _seed_groups(y_true, [baseline_preds, *cells.values()], metric, num_classes,
+                                 ["baseline_preds", *(f"cells[{name!r}]" for name in names)])
+    seed_var, df = _pooled_seed_variance([base[0]] + [values for values, _ in scored])
+    # Interval half-widths in standard errors: Student t for tested cells, normal for test images only.
+    crit = (float(sps.t.ppf((1 + confidence) / 2, max(df, 1))), float(sps.norm.ppf((1 + confidence) / 2)))
+    verdicts = {name: _verdict(base, group, seed_var, crit) for name, group in zip(names, scored, strict=True)}
+    _add_tests(verdicts, df, alpha)
     shared = {"seed_sd": float(np.sqrt(seed_var)) if df else None, "df": df, "family_size": len(cells),
-              "family_tested": len(tested), "alpha": float(alpha), "confidence": float(confidence),
-              "metric": metric, "method": FAMILY_METHOD}
+              "family_tested": sum(v["p_value"] is not None for v in verdicts.values()), "alpha": float(alpha),
+              "confidence": float(confidence), "metric": metric, "method": FAMILY_METHOD}
     for verdict in verdicts.values():
-        verdict.update(shared, p_holm=None, significant=False)
-    for name, p_holm in zip(tested, adjusted, strict=True):
-        verdicts[name].update(p_holm=float(p_holm), significant=bool(p_holm <= alpha))
+        verdict.update(shared)
     return verdicts
 
 
@@ -613,12 +641,19 @@ def chance_band(
 
     The maximum of: every constant predictor (exact), and the `quantile` over n_sim simulations of
     predictors drawing classes uniformly or with the test set's label frequencies. A model at or
-    below this value has learned nothing measurable. Deterministic given seed.
+    below this value has learned nothing measurable. Deterministic given seed; the last few bands
+    are kept, so scoring every row of a table against one test set simulates once.
     """
     labels = _labels(y_true, num_classes, "y_true")
     require(labels.size > 0, "chance_band needs test labels")
     require(0.0 < quantile < 1.0, f"quantile must lie in (0, 1), got {quantile}")
     require(n_sim >= 1, f"n_sim must be >= 1, got {n_sim}")
+    return _chance_band(labels.tobytes(), seed, quantile, n_sim, num_classes)
+
+
+@functools.lru_cache(maxsize=8)
+def _chance_band(label_bytes: bytes, seed: int, quantile: float, n_sim: int, num_classes: int) -> float:
+    labels = np.frombuffer(label_bytes, dtype=np.int64)
     rng = np.random.default_rng(seed)
     n = labels.size
     support = np.bincount(labels, minlength=num_classes).astype(np.float64)  # (K,)
