@@ -1,13 +1,20 @@
-"""Statistics behind every claim: bootstrap intervals over test images, paired tests, seed summaries.
+"""Statistics behind every claim: metrics, intervals, seed-aware comparisons, report flags.
 
-Two sources of noise separate a measured metric from the truth, and each has its tool here:
+Metrics from a confusion matrix have their one home here (`metrics_from_confusion`, `per_class_f1`,
+`macro_f1_from_confusion`); training counts the matrix and calls them.
+
+Two sources of noise separate a measured metric from the truth:
 
 - the finite test set: with the trained model held fixed, resample test images with replacement
   (`bootstrap_ci`, `paired_bootstrap`, `compare_to_baseline`) or count disagreements (`mcnemar`);
 - the training seed: mean, standard deviation and Student-t interval over runs (`seed_summary`).
 
-A grid makes tens of comparisons at once, so their p-values go through `holm_bonferroni` before
-anything is called significant (`significant_flags`). Dicts hold plain Python numbers (JSON-ready).
+A verdict that an augmentation changes a model must survive both: `compare_family` tests every cell
+of a declared family (one grid of one model) against its baseline with the seed variance pooled over
+the family plus the test-image variance, analytic p-values and Holm's correction within the family
+(`holm_bonferroni`, `significant_flags`); `compare_groups` is the two-group case. Cells with one seed
+get an interval but never a verdict. Report flags: `at_chance` (`chance_band`) and `still_improving`.
+Dicts hold plain Python numbers or None (JSON-ready).
 """
 
 from __future__ import annotations
@@ -410,6 +417,9 @@ def compare_to_baseline(
     min(counts) pairs. mcnemar_p is the largest per-pair McNemar p-value (accuracy, not F1): below
     alpha only when every pair differs significantly, a level-alpha intersection-union test; check
     the signs of seed_diffs, since the pairs may differ in opposite directions.
+
+    Not a verdict on an augmentation: the trained models are treated as fixed and the bootstrap p
+    cannot go below 2/(n_boot + 1). Use compare_family for that.
     """
     base = _prediction_stack(baseline_preds, "baseline_preds")  # (S_b, n)
     cell = _prediction_stack(cell_preds, "cell_preds")  # (S_c, n)
@@ -594,7 +604,8 @@ def compare_family(
     base, *scored = _seed_groups(y_true, [baseline_preds, *cells.values()], metric, num_classes,
                                  ["baseline_preds", *(f"cells[{name!r}]" for name in names)])
     seed_var, df = _pooled_seed_variance([base[0]] + [values for values, _ in scored])
-    # Interval half-widths in standard errors: Student t for tested cells, normal for test images only.
+    # Interval half-widths in standard errors: Student t for tested cells (df = 0: none is tested),
+    # normal for the test-image-only intervals of one-seed cells.
     crit = (float(sps.t.ppf((1 + confidence) / 2, max(df, 1))), float(sps.norm.ppf((1 + confidence) / 2)))
     verdicts = {name: _verdict(base, group, seed_var, crit) for name, group in zip(names, scored, strict=True)}
     _add_tests(verdicts, df, alpha)
@@ -619,8 +630,11 @@ def compare_groups(y_true, preds_a, preds_b, **options) -> dict:
 # Flags for reports: at chance, still improving
 
 # Still improving: the last epoch beats every earlier one by more than this much validation macro-F1.
-# Half a point: below the epoch-to-epoch jitter of a converged run on a few thousand validation
-# images (standard error about 0.005-0.01), well below the gains of a run cut short (0.04 -> 0.35 -> 0.64).
+# Half a point is below the augmentation effects under study (0.01-0.05): augmented cells converge
+# more slowly, so a budget that still moves a run by more than this can pass for an effect. A run cut
+# short gains far more (0.04 -> 0.35 -> 0.64); an annealed schedule's last epoch far less. With a
+# constant learning rate, epoch-to-epoch jitter of a converged run can set the flag by chance: a
+# false warning, the safe side.
 STILL_IMPROVING_GAIN = 0.005
 
 
