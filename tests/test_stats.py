@@ -552,6 +552,11 @@ def test_single_seed_cells_are_never_flagged():
         assert all(v["family_tested"] == 2 for v in verdicts.values())
         one_base = stats.compare_family(y, base[:1], {"cell 2": cells["cell 2"]})["cell 2"]
         assert one_base["significant"] is False and one_base["reason"] == stats.ONE_BASELINE_SEED_REASON
+        # A grid run with one seed everywhere (like the ResNet grid): intervals only, no seed spread known.
+        single = stats.compare_family(y, base[:1], {name: preds[:1] for name, preds in cells.items() if
+                                                    name != "cell 1"})
+        assert not any(v["significant"] for v in single.values())
+        assert all(v["family_tested"] == 0 and v["df"] == 0 and v["seed_sd"] is None for v in single.values())
 
 
 def test_compare_groups_is_a_family_of_one():
