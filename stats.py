@@ -1,23 +1,31 @@
-"""Statistics behind every claim: bootstrap intervals over test images, paired tests, seed summaries.
+"""Statistics behind every claim: metrics, intervals, seed-aware comparisons, report flags.
 
-Two sources of noise separate a measured metric from the truth, and each has its tool here:
+Metrics from a confusion matrix have their one home here (`metrics_from_confusion`, `per_class_f1`,
+`macro_f1_from_confusion`); training counts the matrix and calls them.
+
+Two sources of noise separate a measured metric from the truth:
 
 - the finite test set: with the trained model held fixed, resample test images with replacement
   (`bootstrap_ci`, `paired_bootstrap`, `compare_to_baseline`) or count disagreements (`mcnemar`);
 - the training seed: mean, standard deviation and Student-t interval over runs (`seed_summary`).
 
-A grid makes tens of comparisons at once, so their p-values go through `holm_bonferroni` before
-anything is called significant (`significant_flags`). Dicts hold plain Python numbers (JSON-ready).
+A verdict that an augmentation changes a model must survive both: `compare_family` tests every cell
+of a declared family (one grid of one model) against its baseline with the seed variance pooled over
+the family plus the test-image variance, analytic p-values and Holm's correction within the family
+(`holm_bonferroni`, `significant_flags`); `compare_groups` is the two-group case. Cells with one seed
+get an interval but never a verdict. Report flags: `at_chance` (`chance_band`) and `still_improving`.
+Dicts hold plain Python numbers or None (JSON-ready).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
 
-from config import NUM_CLASSES
+from config import NUM_CLASSES, require
 
 METRICS = ("f1_macro", "accuracy")
 BOOTSTRAP_METHOD = "percentile bootstrap over test images"
@@ -60,18 +68,66 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
 
 
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0 (scikit-learn's zero_division=0)."""
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def per_class_f1(cm) -> np.ndarray:
+    """F1 of every class from confusion matrices (..., K, K), rows = true, columns = predicted -> (..., K).
+
+    A class with no true and no predicted image scores 0 (scikit-learn's zero_division=0).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)  # (..., K)
+    # 2TP + FP + FN = (images of the class) + (images predicted as the class)
+    return _ratio(2.0 * tp, cm.sum(axis=-1) + cm.sum(axis=-2))
+
+
 def macro_f1_from_confusion(cm) -> np.ndarray:
     """Macro-F1 of confusion matrices (..., K, K), rows = true class, columns = predicted class.
 
     Same as scikit-learn's f1_score(average="macro", labels=range(K), zero_division=0): a class with
     no true and no predicted image scores 0 and still counts in the mean. Returns shape (...).
     """
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)  # (..., K)
-    # 2TP + FP + FN = (images of the class) + (images predicted as the class)
-    denom = cm.sum(axis=-1) + cm.sum(axis=-2)  # (..., K)
-    f1 = np.divide(2.0 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return f1.mean(axis=-1)
+    return per_class_f1(cm).mean(axis=-1)
+
+
+def metrics_from_confusion(cm) -> dict:
+    """Accuracy, macro/weighted and per-class precision, recall and F1, support and the matrix itself.
+
+    cm is one (K, K) count matrix (rows = true, columns = predicted; a numpy array, nested lists or a
+    CPU tensor). Same semantics as scikit-learn's precision_recall_fscore_support with
+    labels=range(K) and zero_division=0: a class never predicted has precision 0, a class absent
+    from the true labels has recall 0, and both count in the macro average. Plain Python numbers.
+    """
+    counts = np.asarray(cm)
+    require(counts.ndim == 2 and counts.shape[0] == counts.shape[1],
+            f"a confusion matrix must be square (K, K), got shape {counts.shape}")
+    require(np.issubdtype(counts.dtype, np.integer) and bool(np.all(counts >= 0)),
+            "a confusion matrix holds non-negative integer counts")
+    require(counts.sum() > 0, "the confusion matrix is empty: no labels to score")
+    cm64 = counts.astype(np.float64)
+    tp = np.diagonal(cm64)  # (K,)
+    support = cm64.sum(axis=1)  # true images per class
+    precision = _ratio(tp, cm64.sum(axis=0))  # over images predicted as the class
+    recall = _ratio(tp, support)
+    f1 = per_class_f1(cm64)
+    share = support / support.sum()  # weights of the weighted averages
+    return {
+        "accuracy": float(tp.sum() / support.sum()),
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "precision_weighted": float(precision @ share),
+        "recall_weighted": float(recall @ share),
+        "f1_weighted": float(f1 @ share),
+        "precision_per_class": precision.tolist(),
+        "recall_per_class": recall.tolist(),
+        "f1_per_class": f1.tolist(),
+        "support": [int(n) for n in counts.sum(axis=1)],
+        "confusion_matrix": counts.astype(np.int64).tolist(),
+    }
 
 
 def _metric_from_confusion(cm: np.ndarray, metric: str) -> np.ndarray:
@@ -92,12 +148,16 @@ def confusion_matrices(y_true, y_pred, indices, num_classes: int = NUM_CLASSES) 
 
 def _confusions_from_codes(codes: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
     """codes (n,), indices (R, m) -> (R, K, K): one bincount over all replicates at once."""
+    return _batched_confusions(codes[indices], num_classes)  # codes[indices]: (R, m), a new array
+
+
+def _batched_confusions(rows: np.ndarray, num_classes: int) -> np.ndarray:
+    """Confusion codes (R, m), overwritten, -> (R, K, K) counts: one bincount over all rows at once."""
     kk = num_classes * num_classes
-    n_rep = indices.shape[0]
-    sampled = codes[indices]  # (R, m), a new array, so the offsets can be added in place
-    # Replicate r counts into its own block of K*K bins.
-    sampled += (np.arange(n_rep, dtype=np.int64) * kk)[:, None]
-    counts = np.bincount(sampled.ravel(), minlength=n_rep * kk)
+    n_rep = rows.shape[0]
+    # Row r counts into its own block of K*K bins.
+    rows += (np.arange(n_rep, dtype=np.int64) * kk)[:, None]
+    counts = np.bincount(rows.ravel(), minlength=n_rep * kk)
     return counts.reshape(n_rep, num_classes, num_classes)
 
 
@@ -357,6 +417,9 @@ def compare_to_baseline(
     min(counts) pairs. mcnemar_p is the largest per-pair McNemar p-value (accuracy, not F1): below
     alpha only when every pair differs significantly, a level-alpha intersection-union test; check
     the signs of seed_diffs, since the pairs may differ in opposite directions.
+
+    Not a verdict on an augmentation: the trained models are treated as fixed and the bootstrap p
+    cannot go below 2/(n_boot + 1). Use compare_family for that.
     """
     base = _prediction_stack(baseline_preds, "baseline_preds")  # (S_b, n)
     cell = _prediction_stack(cell_preds, "cell_preds")  # (S_c, n)
@@ -390,6 +453,250 @@ def compare_to_baseline(
         "metric": metric,
         "method": "paired " + BOOTSTRAP_METHOD + ", seeds averaged; McNemar per seed pair",
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seed-aware verdicts: a family of cells against one baseline
+
+FAMILY_METHOD = (
+    "difference of seed means; seed variance pooled over the family plus delta-method test-image "
+    "variance; Student t; Holm within the family"
+)
+ONE_SEED_REASON = "one seed: seed variation unknown"
+ONE_BASELINE_SEED_REASON = "baseline has one seed: seed variation unknown"
+
+
+def _influence_tables(cms: np.ndarray, metric: str) -> np.ndarray:
+    """Per-image influence of the metric, by confusion cell: cms (S, K, K) -> (S, K*K).
+
+    A metric T of a model is a smooth function of its confusion matrix; moving one image from the
+    test set's empirical distribution changes T by table[y * K + p] / n to first order (the delta
+    method). For accuracy the table is 1{y == p} - accuracy. For macro-F1 with a_k = (true + predicted
+    images of class k) / n, F1_k = 2 TP_k / (n a_k): an image right in class k adds 2 (1 - F1_k) / a_k,
+    an image of class k predicted as j adds -F1_k / a_k - F1_j / a_j, each divided by K. Each table
+    has mean zero over the test images.
+    """
+    n_seeds, k, _ = cms.shape
+    n = cms.sum(axis=(1, 2))[:, None, None]  # (S, 1, 1)
+    if metric == "accuracy":
+        acc = np.trace(cms, axis1=1, axis2=2)[:, None, None] / n
+        return (np.eye(k)[None] - acc).reshape(n_seeds, k * k)
+    share = (cms.sum(axis=2) + cms.sum(axis=1)) / n[:, 0]  # a_k, (S, K)
+    f1_over_share = _ratio(per_class_f1(cms), share)  # (S, K); classes with a_k = 0 never occur
+    table = -(f1_over_share[:, :, None] + f1_over_share[:, None, :])  # (S, K_true, K_pred)
+    diagonal = 2.0 * _ratio(1.0 - per_class_f1(cms), share)  # (S, K)
+    table[:, np.arange(k), np.arange(k)] = diagonal
+    return table.reshape(n_seeds, k * k) / k
+
+
+def _seed_codes(labels: np.ndarray, preds, num_classes: int, name: str) -> np.ndarray:
+    """Per-seed prediction arrays (a list, or one array for one seed) -> confusion codes (S, n)."""
+    stack = _prediction_stack(preds, name)  # (S, n)
+    if stack.shape[1] != labels.size:
+        raise ValueError(f"{name}: y_true and y_pred differ in length: {labels.size} vs {stack.shape[1]}")
+    return labels * num_classes + _labels(stack.ravel(), num_classes, name).reshape(stack.shape)
+
+
+def _seed_groups(y_true, groups: list, metric: str, num_classes: int, names: list[str]) -> list[tuple]:
+    """For each group of per-seed predictions: (metric of each seed (S,), influence of their mean (n,)).
+
+    All models are scored in one pass: one batched confusion count and one influence lookup.
+    """
+    labels = _labels(y_true, num_classes, "y_true")
+    require(labels.size > 0, "no test images")
+    codes = [_seed_codes(labels, preds, num_classes, name) for preds, name in zip(groups, names, strict=True)]
+    stacked = np.concatenate(codes)  # (M, n), M = all seeds of all groups
+    cms = _batched_confusions(stacked.copy(), num_classes)  # (M, K, K)
+    values = _metric_from_confusion(cms, metric)  # (M,)
+    influence = np.take_along_axis(_influence_tables(cms, metric), stacked, axis=1)  # (M, n)
+    bounds = np.cumsum([c.shape[0] for c in codes])[:-1]
+    return [(v, i.mean(axis=0)) for v, i in zip(np.split(values, bounds), np.split(influence, bounds), strict=True)]
+
+
+def _pooled_seed_variance(groups: Sequence[np.ndarray]) -> tuple[float, int]:
+    """Within-group variance of per-seed values pooled over groups, and its degrees of freedom."""
+    squares = sum(float(np.sum((v - v.mean()) ** 2)) for v in groups)
+    df = sum(v.size - 1 for v in groups)
+    return (squares / df if df else float("nan")), int(df)
+
+
+def _verdict(base, cell, seed_var: float, crit: tuple[float, float]) -> dict:
+    """One cell against the baseline: diff, its standard error and interval; untested (with a reason)
+    when either side has one seed. p-values are added for the whole family at once."""
+    (base_values, base_influence), (cell_values, cell_influence) = base, cell
+    n = base_influence.size
+    diff = float(cell_values.mean() - base_values.mean())
+    test_var = float(np.sum((cell_influence - base_influence) ** 2)) / n**2
+    verdict = {"diff": diff, "cell_mean": float(cell_values.mean()), "baseline_mean": float(base_values.mean()),
+               "n_seeds": int(cell_values.size), "n_baseline_seeds": int(base_values.size),
+               "test_se": float(np.sqrt(test_var)), "reason": None}
+    if cell_values.size < 2 or base_values.size < 2:
+        # Test-image interval only: normal approximation with the delta-method standard error.
+        half = crit[1] * verdict["test_se"]
+        reason = ONE_SEED_REASON if cell_values.size < 2 else ONE_BASELINE_SEED_REASON
+        return verdict | {"low": diff - half, "high": diff + half, "se": verdict["test_se"], "reason": reason}
+    se = float(np.sqrt(seed_var * (1 / cell_values.size + 1 / base_values.size) + test_var))
+    half = crit[0] * se
+    return verdict | {"low": diff - half, "high": diff + half, "se": se}
+
+
+def _add_tests(verdicts: dict[str, dict], df: int, alpha: float) -> None:
+    """Two-sided Student-t p-value of every testable cell, Holm over them, significance at alpha."""
+    for verdict in verdicts.values():
+        verdict.update(p_value=None, p_holm=None, significant=False)
+    tested = [v for v in verdicts.values() if v["reason"] is None]
+    if not tested:
+        return
+    diff = np.abs([v["diff"] for v in tested])
+    se = np.array([v["se"] for v in tested])
+    # se = 0 only when nothing varies: diff 0 gives p = 1, any other diff p = 0.
+    t = np.divide(diff, se, out=np.where(diff > 0, np.inf, 0.0), where=se > 0)
+    p_values = np.minimum(2 * sps.t.sf(t, df), 1.0)
+    for verdict, p, p_holm in zip(tested, p_values, holm_bonferroni(p_values), strict=True):
+        verdict.update(p_value=float(p), p_holm=float(p_holm), significant=bool(p_holm <= alpha))
+
+
+def compare_family(
+    y_true,
+    baseline_preds,
+    cells: Mapping[str, Sequence],
+    *,
+    metric: str = "f1_macro",
+    alpha: float = 0.05,
+    confidence: float = 0.95,
+    num_classes: int = NUM_CLASSES,
+) -> dict[str, dict]:
+    """Which cells of a declared family differ from their baseline, given training seeds AND test images?
+
+    baseline_preds and each cells[name] hold one prediction array per training seed, all on the same
+    test images y_true. For a cell with values c_1..c_Sc (one per seed) and a baseline with b_1..b_Sb:
+
+    - diff = mean(c) - mean(b);
+    - seed variance s^2: within-group variance of the per-seed values, pooled over the baseline and
+      every cell of the family (df = sum of (seeds - 1)). Pooling assumes that the spread between
+      seeds is about the same across one model's grid; it is what gives 3-seed cells a usable test
+      (each cell alone would have df = 2);
+    - test-image variance v: delta-method (influence-function) variance of the difference of
+      seed-mean metrics over resampled test images, with the trained models fixed. It is analytic
+      and deterministic, and agrees with the bootstrap and jackknife;
+    - t = diff / sqrt(s^2 (1/Sc + 1/Sb) + v), Student t with df degrees of freedom; two-sided p.
+
+    Chosen over a two-level bootstrap because its p-values have no floor (a bootstrap p cannot go
+    below about 2/(B+1), and Holm over 48 cells multiplies that floor by 48), and it costs one pass
+    over the predictions. It is conservative in two places: the per-seed values already carry each
+    model's own test-image noise, which v counts again, and seeds are treated as unpaired (if cell and
+    baseline share a seed's initialization, their positive correlation only widens the interval).
+
+    Holm's correction runs over the tested cells of this family: the family is the mapping passed in,
+    so a cell's verdict is the same wherever that family is shown. A cell or baseline with one seed
+    is never tested: its verdict carries the test-image interval (normal, delta method), p_value and
+    p_holm None, significant False and a reason. No randomness: same inputs, same verdicts.
+
+    Returns {cell name: verdict}; each verdict has diff, low, high (confidence interval of diff),
+    se, test_se, p_value, p_holm, significant, cell_mean, baseline_mean, n_seeds, n_baseline_seeds,
+    reason (None or why untested), seed_sd and df (pooled), family_size (cells passed),
+    family_tested (cells in Holm's correction), alpha, confidence, metric and method.
+    """
+    _check_metric(metric)
+    require(0.0 < alpha < 1.0, f"alpha must lie in (0, 1), got {alpha}")
+    require(0.0 < confidence < 1.0, f"confidence must lie in (0, 1), got {confidence}")
+    names = list(cells)
+    base, *scored = _seed_groups(y_true, [baseline_preds, *cells.values()], metric, num_classes,
+                                 ["baseline_preds", *(f"cells[{name!r}]" for name in names)])
+    seed_var, df = _pooled_seed_variance([base[0]] + [values for values, _ in scored])
+    # Interval half-widths in standard errors: Student t for tested cells (df = 0: none is tested),
+    # normal for the test-image-only intervals of one-seed cells.
+    crit = (float(sps.t.ppf((1 + confidence) / 2, max(df, 1))), float(sps.norm.ppf((1 + confidence) / 2)))
+    verdicts = {name: _verdict(base, group, seed_var, crit) for name, group in zip(names, scored, strict=True)}
+    _add_tests(verdicts, df, alpha)
+    shared = {"seed_sd": float(np.sqrt(seed_var)) if df else None, "df": df, "family_size": len(cells),
+              "family_tested": sum(v["p_value"] is not None for v in verdicts.values()), "alpha": float(alpha),
+              "confidence": float(confidence), "metric": metric, "method": FAMILY_METHOD}
+    for verdict in verdicts.values():
+        verdict.update(shared)
+    return verdicts
+
+
+def compare_groups(y_true, preds_a, preds_b, **options) -> dict:
+    """Does group b (one prediction array per seed) differ from group a on the same test images?
+
+    A family of one: compare_family(y_true, preds_a, {"b": preds_b}, **options)["b"], so diff is
+    mean(b) - mean(a) and the seed variance is pooled over the two groups.
+    """
+    return compare_family(y_true, preds_a, {"b": preds_b}, **options)["b"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags for reports: at chance, still improving
+
+# Still improving: the last epoch beats every earlier one by more than this much validation macro-F1.
+# Half a point is below the augmentation effects under study (0.01-0.05): augmented cells converge
+# more slowly, so a budget that still moves a run by more than this can pass for an effect. A run cut
+# short gains far more (0.04 -> 0.35 -> 0.64); an annealed schedule's last epoch far less. With a
+# constant learning rate, epoch-to-epoch jitter of a converged run can set the flag by chance: a
+# false warning, the safe side.
+STILL_IMPROVING_GAIN = 0.005
+
+
+def _random_predictor_f1(labels: np.ndarray, draw, n_sim: int, num_classes: int) -> np.ndarray:
+    """Macro-F1 of n_sim predictors, draw(rows) -> predictions (rows, n), against labels (n,)."""
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // labels.size)
+    scores = []
+    for start in range(0, n_sim, rows_per_chunk):
+        preds = draw(min(rows_per_chunk, n_sim - start))  # (rows, n)
+        scores.append(macro_f1_from_confusion(_batched_confusions(labels * num_classes + preds, num_classes)))
+    return np.concatenate(scores)
+
+
+def chance_band(
+    y_true, *, seed: int = 0, quantile: float = 0.99, n_sim: int = 200, num_classes: int = NUM_CLASSES
+) -> float:
+    """Highest macro-F1 a predictor that ignores the images reaches on these test labels.
+
+    The maximum of: every constant predictor (exact), and the `quantile` over n_sim simulations of
+    predictors drawing classes uniformly or with the test set's label frequencies. A model at or
+    below this value has learned nothing measurable. Deterministic given seed; the last few bands
+    are kept, so scoring every row of a table against one test set simulates once.
+    """
+    labels = _labels(y_true, num_classes, "y_true")
+    require(labels.size > 0, "chance_band needs test labels")
+    require(0.0 < quantile < 1.0, f"quantile must lie in (0, 1), got {quantile}")
+    require(n_sim >= 1, f"n_sim must be >= 1, got {n_sim}")
+    return _chance_band(labels.tobytes(), seed, quantile, n_sim, num_classes)
+
+
+@functools.lru_cache(maxsize=8)
+def _chance_band(label_bytes: bytes, seed: int, quantile: float, n_sim: int, num_classes: int) -> float:
+    labels = np.frombuffer(label_bytes, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    n = labels.size
+    support = np.bincount(labels, minlength=num_classes).astype(np.float64)  # (K,)
+    # Always predicting class k: F1_k = 2 N_k / (N_k + n), every other class 0.
+    constant = float(np.max(2 * support / (support + n))) / num_classes
+    frequencies = support / n
+    uniform = _random_predictor_f1(labels, lambda r: rng.integers(0, num_classes, (r, n)), n_sim, num_classes)
+    matched = _random_predictor_f1(labels, lambda r: rng.choice(num_classes, (r, n), p=frequencies),
+                                   n_sim, num_classes)
+    return max(constant, float(np.quantile(uniform, quantile)), float(np.quantile(matched, quantile)))
+
+
+def at_chance(f1: float, y_true, **options) -> bool:
+    """Is this macro-F1 within the chance band of these test labels? options go to chance_band."""
+    return bool(f1 <= chance_band(y_true, **options))
+
+
+def still_improving(val_f1_history: Sequence[float], threshold: float = STILL_IMPROVING_GAIN) -> bool:
+    """Was validation macro-F1 still rising at the last epoch?
+
+    True when the last epoch beats the best earlier epoch by more than threshold (default
+    STILL_IMPROVING_GAIN), or when there is only one epoch (nothing says it converged).
+    """
+    history = np.asarray(val_f1_history, dtype=np.float64)
+    require(history.ndim == 1 and history.size > 0, "still_improving needs at least one epoch's validation F1")
+    require(bool(np.all(np.isfinite(history))), "validation F1 values must be finite")
+    if history.size == 1:
+        return True
+    return bool(history[-1] - history[:-1].max() > threshold)
 
 
 def format_estimate(est: float, low: float, high: float, digits: int = 3) -> str:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import atomic_io
 import config
+from stats import metrics_from_confusion
 
 # A diverged loss is looked for on the host every this many steps (never waiting for a CUDA device).
 CHECK_EVERY = 50
@@ -71,11 +72,6 @@ def _as_label_tensor(values) -> torch.Tensor:
     return torch.as_tensor(np.array(values)).reshape(-1).long()
 
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    # scikit-learn's zero_division=0: an undefined ratio counts as 0.
-    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
-
-
 def confusion_matrix(y_true, y_pred, num_classes: int = config.NUM_CLASSES) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts on the labels' device; rows are true, columns predicted."""
     y_true, y_pred = _as_label_tensor(y_true), _as_label_tensor(y_pred)
@@ -93,42 +89,13 @@ def confusion_matrix(y_true, y_pred, num_classes: int = config.NUM_CLASSES) -> t
 
 
 def compute_metrics(y_true, y_pred, num_classes: int = config.NUM_CLASSES) -> dict:
-    """Accuracy, macro/weighted and per-class precision, recall and F1, support and the confusion
-    matrix, as plain Python numbers (JSON-ready).
+    """stats.metrics_from_confusion of the labels' confusion matrix: accuracy, macro/weighted and
+    per-class precision, recall and F1, support and the matrix, as plain Python numbers (JSON-ready).
 
-    Same semantics as scikit-learn's ``precision_recall_fscore_support`` with
-    ``labels=range(num_classes)`` and ``zero_division=0``: a class never predicted has precision 0,
-    a class absent from ``y_true`` has recall 0, and both count in the macro average.
-    Accepts numpy arrays, lists or tensors on any device.
+    Accepts numpy arrays, lists or tensors on any device; the matrix is counted on the labels' device
+    and copied to the host once.
     """
-    cm = confusion_matrix(y_true, y_pred, num_classes).cpu()  # counted on the labels' device, one copy
-    counts = cm.double()  # (K, K), tiny: the rest is cheap on the host
-    tp = counts.diagonal()
-    support = counts.sum(dim=1)  # true samples per class
-    predicted = counts.sum(dim=0)  # predictions per class
-    precision = _safe_div(tp, predicted)
-    recall = _safe_div(tp, support)
-    # 2PR / (P + R) = 2 TP / (support + predicted); 0 for a class neither present nor predicted.
-    f1 = _safe_div(2 * tp, support + predicted)
-    total = support.sum()
-
-    def weighted(values: torch.Tensor) -> float:
-        return float((values * support).sum() / total)
-
-    return {
-        "accuracy": float(tp.sum() / total),
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
-        "precision_weighted": weighted(precision),
-        "recall_weighted": weighted(recall),
-        "f1_weighted": weighted(f1),
-        "precision_per_class": precision.tolist(),
-        "recall_per_class": recall.tolist(),
-        "f1_per_class": f1.tolist(),
-        "support": [int(n) for n in support.tolist()],
-        "confusion_matrix": cm.tolist(),
-    }
+    return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes).cpu().numpy())
 
 
 def kd_loss(

@@ -1,11 +1,14 @@
 """Tests of stats.py against scikit-learn, scipy and hand computations."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy import stats as sps
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 import stats
+from config import ConfigError
 
 K = 10
 LABELS = list(range(K))
@@ -321,3 +324,300 @@ def test_bad_inputs_are_rejected():
         stats.holm_bonferroni([0.5, 1.5])
     with pytest.raises(ValueError):
         stats.seed_summary([])
+
+
+# ---------------------------------------------------------------------------------------------------
+# All metrics from one confusion matrix (what training.compute_metrics returns)
+
+
+def sklearn_report(y_true, y_pred):
+    ref = {"accuracy": accuracy_score(y_true, y_pred)}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average=average, zero_division=0)
+        ref |= {f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average=None, zero_division=0)
+    ref |= {"precision_per_class": p, "recall_per_class": r, "f1_per_class": f, "support": s}
+    ref["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=LABELS)
+    return ref
+
+
+def skewed_labels_and_predictions(seed, n=300):
+    """Skewed class shares (weighted and macro averages differ), 60% right."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(K, n, p=np.arange(1, 11) / 55)
+    return y, np.where(rng.random(n) < 0.6, y, rng.integers(0, K, n))
+
+
+METRIC_CASES = {
+    "skewed random": skewed_labels_and_predictions(0),
+    "skewed random, other seed": skewed_labels_and_predictions(1),
+    "class never predicted": ([0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 4, 4, 4, 5, 6, 7, 8, 9]),
+    "class absent from y_true": ([0, 0, 1, 1, 2, 2], [0, 9, 1, 1, 2, 0]),
+    "single class, all wrong": ([4] * 7, [2] * 7),
+    "one image": ([3], [3]),
+}
+
+
+@pytest.mark.parametrize("case", METRIC_CASES)
+def test_metrics_from_confusion_match_sklearn(case):
+    y_true, y_pred = (np.asarray(a) for a in METRIC_CASES[case])
+    cm = confusion_matrix(y_true, y_pred, labels=LABELS)
+    ours = stats.metrics_from_confusion(cm)
+    ref = sklearn_report(y_true, y_pred)
+    assert set(ours) == set(ref)
+    for key, expected in ref.items():
+        np.testing.assert_allclose(np.asarray(ours[key], dtype=float), np.asarray(expected, dtype=float),
+                                   rtol=1e-12, atol=1e-12, err_msg=key)
+    np.testing.assert_allclose(stats.per_class_f1(cm), ref["f1_per_class"], atol=1e-12)
+    json.dumps(ours)
+    assert type(ours["accuracy"]) is float
+    assert all(type(n) is int for row in ours["confusion_matrix"] for n in row)
+
+
+def test_metrics_from_confusion_rejects_what_is_not_a_count_matrix():
+    with pytest.raises(ConfigError, match="square"):
+        stats.metrics_from_confusion(np.zeros((3, 4), dtype=int))
+    with pytest.raises(ConfigError, match="integer"):
+        stats.metrics_from_confusion(np.full((2, 2), 0.5))
+    with pytest.raises(ConfigError, match="empty"):
+        stats.metrics_from_confusion(np.zeros((10, 10), dtype=int))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A family of cells against one baseline, with several seeds each
+
+
+def simulate_family(rng, n_images, n_cells, n_seeds, seed_sd, effect, base_accuracy=0.8, difficulty_sd=1.5):
+    """Predictions of a baseline and n_cells cells, n_seeds training seeds each, on the same images.
+
+    Image i has a difficulty d_i shared by every model (hard images are hard for all); model m with
+    ability a_m is right where a_m - d_i + e_mi > 0, e_mi ~ N(0, 1) its own per-image noise, and
+    otherwise predicts a uniformly drawn wrong class (so macro-F1 is about accuracy). The ability is
+    set so the model's accuracy on the image population is base_accuracy (+ effect for the cells)
+    + seed_sd * N(0, 1): seed_sd is the spread of accuracy between training seeds.
+    Returns y (n,), baseline [(n,)] * n_seeds, {cell name: [(n,)] * n_seeds}.
+    """
+    n_models = n_cells + 1
+    y = rng.integers(0, K, n_images)
+    difficulty = rng.normal(0.0, difficulty_sd, n_images)  # (n,)
+    shift = np.r_[0.0, np.full(n_cells, effect)][:, None]  # (models, 1)
+    accuracy = base_accuracy + shift + seed_sd * rng.standard_normal((n_models, n_seeds))  # (models, seeds)
+    # P(a - d + e > 0) over d ~ N(0, sd^2) and e ~ N(0, 1) is Phi(a / sqrt(1 + sd^2)).
+    ability = sps.norm.ppf(accuracy) * np.sqrt(1 + difficulty_sd**2)
+    right = ability[..., None] - difficulty > rng.standard_normal((n_models, n_seeds, n_images))
+    wrong = (y + rng.integers(1, K, right.shape)) % K
+    preds = np.where(right, y, wrong)  # (models, seeds, n)
+    return y, list(preds[0]), {f"cell {c}": list(preds[c + 1]) for c in range(n_cells)}
+
+
+def jackknife_se_of_difference(y, baseline, cell, metric):
+    """Jackknife standard error over test images of mean metric(cell seeds) - mean metric(baseline seeds)."""
+    n = y.size
+    leave_one_out = np.zeros(n)
+    for preds, weight in ((baseline, -1 / len(baseline)), (cell, 1 / len(cell))):
+        for pred in preds:
+            codes = y * K + pred
+            cms = np.tile(confusion_matrix(y, pred, labels=LABELS).reshape(-1), (n, 1))  # (n, K*K)
+            cms[np.arange(n), codes] -= 1  # image i left out of row i
+            cms = cms.reshape(n, K, K)
+            if metric == "f1_macro":
+                leave_one_out += weight * stats.macro_f1_from_confusion(cms)
+            else:
+                leave_one_out += weight * np.trace(cms, axis1=1, axis2=2) / (n - 1)
+    return np.sqrt((n - 1) / n * np.sum((leave_one_out - leave_one_out.mean()) ** 2))
+
+
+def test_family_verdict_equals_the_formula_from_scikit_learn_scores():
+    rng = np.random.default_rng(20)
+    y, base, cells = simulate_family(rng, 1500, 3, 3, seed_sd=0.02, effect=0.03)
+    cells["two seeds"] = cells.pop("cell 2")[:2]
+    verdicts = stats.compare_family(y, base, cells)
+    scores = {name: np.array([sk_f1(y, p) for p in preds]) for name, preds in cells.items()}
+    base_scores = np.array([sk_f1(y, p) for p in base])
+    groups = [base_scores, *scores.values()]
+    df = sum(g.size - 1 for g in groups)
+    seed_var = sum(np.sum((g - g.mean()) ** 2) for g in groups) / df
+    assert df == 2 + 2 + 2 + 1
+    for name, v in verdicts.items():
+        diff = scores[name].mean() - base_scores.mean()
+        test_se = jackknife_se_of_difference(y, base, cells[name], "f1_macro")
+        se = np.sqrt(seed_var * (1 / scores[name].size + 1 / 3) + v["test_se"] ** 2)
+        assert v["diff"] == pytest.approx(diff, abs=1e-12)
+        assert v["cell_mean"] == pytest.approx(scores[name].mean())
+        assert v["baseline_mean"] == pytest.approx(base_scores.mean())
+        assert v["test_se"] == pytest.approx(test_se, rel=0.02)  # delta method vs jackknife
+        assert v["seed_sd"] == pytest.approx(np.sqrt(seed_var)) and v["df"] == df
+        assert v["se"] == pytest.approx(se)
+        assert v["p_value"] == pytest.approx(2 * sps.t.sf(abs(diff) / se, df))
+        half = sps.t.ppf(0.975, df) * se
+        assert (v["low"], v["high"]) == (pytest.approx(diff - half), pytest.approx(diff + half))
+        assert (v["n_seeds"], v["n_baseline_seeds"]) == (scores[name].size, 3)
+        assert v["reason"] is None and v["family_size"] == v["family_tested"] == 3
+    np.testing.assert_allclose([v["p_holm"] for v in verdicts.values()],
+                               stats.holm_bonferroni([v["p_value"] for v in verdicts.values()]))
+    assert [v["significant"] for v in verdicts.values()] == [v["p_holm"] <= 0.05 for v in verdicts.values()]
+    json.dumps(verdicts)
+
+
+@pytest.mark.parametrize("metric", ["f1_macro", "accuracy"])
+def test_test_image_se_agrees_with_jackknife_and_bootstrap(metric):
+    rng = np.random.default_rng(21)
+    y, base, cells = simulate_family(rng, 1000, 1, 2, seed_sd=0.02, effect=0.05)
+    v = stats.compare_family(y, base, cells, metric=metric)["cell 0"]
+    assert v["test_se"] == pytest.approx(jackknife_se_of_difference(y, base, cells["cell 0"], metric), rel=0.02)
+    reps = stats.bootstrap_replicates(y, base + cells["cell 0"], metric, n_boot=2000, seed=1)  # (4, n_boot)
+    boot_sd = np.std(reps[2:].mean(axis=0) - reps[:2].mean(axis=0))
+    assert v["test_se"] == pytest.approx(boot_sd, rel=0.1)  # Monte-Carlo error of an sd from 2000 draws: ~2%
+
+
+def test_family_verdicts_are_deterministic_and_have_no_p_floor():
+    """48 cells with a large true effect: every p far below a bootstrap's 2/(B+1), all significant after Holm."""
+    rng = np.random.default_rng(22)
+    y, base, cells = simulate_family(rng, 2000, 48, 3, seed_sd=0.01, effect=0.15)
+    verdicts = stats.compare_family(y, base, cells)
+    assert verdicts == stats.compare_family(y, base, cells)
+    assert max(v["p_value"] for v in verdicts.values()) < 1e-6
+    assert all(v["significant"] and v["p_holm"] < 1e-4 for v in verdicts.values())
+    assert all(v["family_size"] == 48 for v in verdicts.values())
+
+
+def test_holm_runs_within_the_declared_family():
+    """A cell's verdict depends on its family (the mapping passed), not on what else is shown beside it."""
+    rng = np.random.default_rng(23)
+    y, base, cells = simulate_family(rng, 1500, 4, 3, seed_sd=0.02, effect=0.02)
+    whole = stats.compare_family(y, base, cells)
+    alone = stats.compare_family(y, base, {"cell 0": cells["cell 0"]})["cell 0"]
+    assert alone["family_size"] == 1 and whole["cell 0"]["family_size"] == 4
+    assert alone["p_holm"] == pytest.approx(alone["p_value"])
+    assert whole["cell 0"]["p_holm"] >= alone["p_holm"]
+
+
+@pytest.mark.parametrize("seed_sd", [0.01, 0.03])
+def test_seed_only_null_keeps_family_wise_error_at_alpha(seed_sd):
+    """(a) No augmentation effect, models differ only by seed, 3 seeds, shared item difficulty, 20 cells.
+
+    150 simulated families: the Monte-Carlo standard error of a rate of 0.05 is 0.018, so a
+    family-wise false-positive rate above 0.05 + 2 SE would show the test is not at level 0.05.
+    The same families tested on test images alone (treating trained models as fixed) flag many cells,
+    so the seed variation simulated here is what the test has to absorb.
+    """
+    rng = np.random.default_rng(24)
+    n_families, any_flag, image_only = 150, 0, []
+    for _ in range(n_families):
+        y, base, cells = simulate_family(rng, 2000, 20, 3, seed_sd=seed_sd, effect=0.0)
+        verdicts = stats.compare_family(y, base, cells).values()
+        any_flag += any(v["significant"] for v in verdicts)
+        image_only.append(np.mean([2 * sps.norm.sf(abs(v["diff"]) / v["test_se"]) < 0.05 for v in verdicts]))
+    mc_se = np.sqrt(0.05 * 0.95 / n_families)
+    assert any_flag / n_families <= 0.05 + 2 * mc_se
+    assert np.mean(image_only) > 0.2
+
+
+def test_true_effect_is_found_in_every_cell_of_a_48_cell_family():
+    """(b) +0.05 macro-F1 in every cell, 3 seeds, seed sd 0.01, 2,000 test images, Holm over 48 cells.
+
+    Per-cell power over 20 families (cells are exchangeable, so the flagged share estimates each
+    cell's probability); its Monte-Carlo error is the spread of the per-family share / sqrt(20).
+    """
+    rng = np.random.default_rng(25)
+    shares, diffs = [], []
+    for _ in range(20):
+        y, base, cells = simulate_family(rng, 2000, 48, 3, seed_sd=0.01, effect=0.05)
+        verdicts = stats.compare_family(y, base, cells).values()
+        shares.append(np.mean([v["significant"] for v in verdicts]))
+        diffs.append(np.mean([v["diff"] for v in verdicts]))
+    assert np.mean(diffs) == pytest.approx(0.05, abs=0.01)  # the simulated effect is +0.05 macro-F1
+    mc_se = np.std(shares) / np.sqrt(len(shares))
+    assert np.mean(shares) - 2 * mc_se >= 0.8
+
+
+def test_single_seed_cells_are_never_flagged():
+    """(c) Even a 0.80 -> 0.95 jump: one seed says nothing about seed variation, so no verdict of difference."""
+    rng = np.random.default_rng(26)
+    for _ in range(5):
+        y, base, cells = simulate_family(rng, 2000, 4, 3, seed_sd=0.02, effect=0.15)
+        cells["cell 0"] = cells["cell 0"][:1]
+        cells["cell 1"] = cells["cell 1"][0]  # one bare array is one seed too
+        verdicts = stats.compare_family(y, base, cells)
+        for name in ("cell 0", "cell 1"):
+            v = verdicts[name]
+            assert v["significant"] is False and v["p_value"] is None and v["p_holm"] is None
+            assert v["reason"] == stats.ONE_SEED_REASON and v["n_seeds"] == 1
+            # The test-image interval is still shown (normal, delta method) and here excludes 0.
+            z = sps.norm.ppf(0.975)
+            assert (v["low"], v["high"]) == (pytest.approx(v["diff"] - z * v["test_se"]),
+                                             pytest.approx(v["diff"] + z * v["test_se"]))
+            assert v["low"] > 0
+        assert verdicts["cell 2"]["significant"] and verdicts["cell 3"]["significant"]
+        assert all(v["family_tested"] == 2 for v in verdicts.values())
+        one_base = stats.compare_family(y, base[:1], {"cell 2": cells["cell 2"]})["cell 2"]
+        assert one_base["significant"] is False and one_base["reason"] == stats.ONE_BASELINE_SEED_REASON
+        # A grid run with one seed everywhere (like the ResNet grid): intervals only, no seed spread known.
+        single = stats.compare_family(y, base[:1], {name: preds[:1] for name, preds in cells.items() if
+                                                    name != "cell 1"})
+        assert not any(v["significant"] for v in single.values())
+        assert all(v["family_tested"] == 0 and v["df"] == 0 and v["seed_sd"] is None for v in single.values())
+
+
+def test_compare_groups_is_a_family_of_one():
+    rng = np.random.default_rng(27)
+    y, base, cells = simulate_family(rng, 1000, 1, 2, seed_sd=0.02, effect=0.05)
+    assert stats.compare_groups(y, base, cells["cell 0"]) == stats.compare_family(y, base, cells)["cell 0"]
+
+
+def test_compare_family_rejects_bad_inputs():
+    y, pred = noisy_model(100, 0.8, seed=28)
+    with pytest.raises(ValueError, match="differ in length"):
+        stats.compare_family(y, [pred, pred], {"short": [pred[:50], pred[:50]]})
+    with pytest.raises(ValueError, match="unknown metric"):
+        stats.compare_family(y, [pred], {"a": [pred]}, metric="f1_micro")
+    with pytest.raises(ConfigError, match="alpha"):
+        stats.compare_family(y, [pred], {"a": [pred]}, alpha=0.0)
+    assert stats.compare_family(y, [pred], {}) == {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flags: at chance, still improving
+
+
+def test_chance_band_covers_constant_and_random_predictors():
+    rng = np.random.default_rng(29)
+    y = rng.choice(K, 2000, p=np.r_[0.3, np.full(9, 0.7 / 9)])  # one frequent class, like SVHN's 1
+    band = stats.chance_band(y)
+    constants = [sk_f1(y, np.full(y.size, k)) for k in range(K)]
+    assert band >= max(constants) and all(stats.at_chance(f, y) for f in constants)
+    fresh = [sk_f1(y, rng.integers(0, K, y.size)) for _ in range(20)]
+    fresh += [sk_f1(y, rng.permutation(y)) for _ in range(20)]  # random with the label frequencies
+    assert sum(stats.at_chance(f, y) for f in fresh) >= 36  # a 0.99 quantile: about 1 in 100 above
+    assert band < 0.15  # 10 classes: chance is about 0.1
+    learned = np.where(rng.random(y.size) < 0.3, y, rng.integers(0, K, y.size))  # 30% right, the rest random
+    assert not stats.at_chance(sk_f1(y, learned), y)
+
+
+def test_chance_band_is_deterministic_and_grows_with_the_quantile():
+    y = np.random.default_rng(30).integers(0, K, 500)
+    assert stats.chance_band(y, seed=3) == stats.chance_band(y, seed=3)
+    assert stats.chance_band(y, quantile=0.5) < stats.chance_band(y, quantile=0.99)
+    with pytest.raises(ConfigError, match="quantile"):
+        stats.chance_band(y, quantile=1.0)
+
+
+@pytest.mark.parametrize(
+    "history, expected",
+    [
+        ([0.04, 0.35, 0.64], True),  # the quick study's SimpleCNN, cut short
+        ([0.80, 0.88, 0.90, 0.902], False),  # last gain 0.002: converged
+        ([0.80, 0.90, 0.89], False),  # the best epoch was earlier
+        ([0.80, 0.90, 0.89, 0.91], True),  # a new best by 0.01
+        ([0.5], True),  # one epoch: nothing says it converged
+    ],
+)
+def test_still_improving(history, expected):
+    assert stats.still_improving(history) is expected
+
+
+def test_still_improving_threshold_and_input_checks():
+    assert stats.still_improving([0.8, 0.81], threshold=0.005)
+    assert not stats.still_improving([0.8, 0.81], threshold=0.02)
+    with pytest.raises(ConfigError, match="at least one epoch"):
+        stats.still_improving([])
