@@ -98,7 +98,7 @@ def _chance_line(ax, chance: float | None) -> None:
         return
     ax.axhline(chance, color="tab:red", ls="--", lw=1)
     ax.annotate(f"chance {chance:.2f}", (1.0, chance), xycoords=("axes fraction", "data"), ha="right",
-                va="bottom", color="tab:red", fontsize=8)
+                va="bottom", color="tab:red", fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.7, "pad": 1})
 
 
 def _images_uint8(images) -> torch.Tensor:
@@ -387,10 +387,11 @@ def plot_learning_curves(history: Sequence[Mapping], dataset: str, title: str = 
         if best is not None:
             ax.axvline(best, color="0.5", ls=":", lw=1, label=f"best val F1 (epoch {best})")
         if ylabel == "loss":
-            ax.set_ylim(bottom=0.0)
+            ax.set_ylim(0.0, 1.1 * ax.dataLim.y1)
         else:
             _metric_axis(ax)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch still gets a unit-wide axis
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(ylabel)
@@ -669,19 +670,21 @@ def plot_seed_spread(df, dataset: str, metric: str = "f1_macro", title: str = "S
         sns.stripplot(part, x="p_aug", y=metric, order=p_values, ax=ax, color="tab:blue", alpha=0.6, size=4,
                       jitter=0.12)
         sns.pointplot(part, x="p_aug", y=metric, order=p_values, ax=ax, errorbar=_t_interval, color="black",
-                      marker="D", markersize=5, linestyle="none", capsize=0.2)
+                      marker="D", markersize=5, linestyle="none", capsize=0.1, err_kws={"linewidth": 1.2})
         ax.set_xticks(range(len(p_values)), [_fmt_axis_value(float(p)) for p in p_values])
-        _metric_axis(ax)
         _chance_line(ax, chance)
         ax.set_title(stage, fontsize=10)
         ax.set_xlabel("p_aug")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         ax.grid(axis="y", alpha=0.3)
+    # Zoomed on the seeds (the spread is the point) but never outside the metric's [0, 1].
+    low, high = axes.flat[0].get_ylim()
+    axes.flat[0].set_ylim(max(low, 0.0), min(high, 1.0))
     for ax in axes.flat[len(stages):]:
         ax.remove()  # empty slots of the last row
     axes.flat[0].legend(handles=[Line2D([], [], ls="none", marker="o", color="tab:blue", label="one seed"),
                                  Line2D([], [], ls="none", marker="D", color="black", label="mean ± 95% CI")],
-                        fontsize=8, loc="lower right")
+                        fontsize=8)
     return fig
 
 
