@@ -87,11 +87,6 @@ def _figure(title: str, dataset: str, budget: str | None = None, **subplots_kwar
     return fig, axes
 
 
-def _metric_axis(ax, axis: str = "y") -> None:
-    """A metric in [0, 1] on the full range: a zoomed axis makes small gaps look large."""
-    (ax.set_ylim if axis == "y" else ax.set_xlim)(0.0, 1.0)
-
-
 def _chance_line(ax, chance: float | None) -> None:
     """A dashed horizontal line at the chance level, labelled at its right end."""
     if chance is None:
@@ -179,12 +174,9 @@ def plot_class_balance(train_labels, test_labels, dataset: str) -> Figure:
         ax_count.bar(x + offset, counts, width, label=label)
         ax_share.bar(x + offset, 100 * counts / max(counts.sum(), 1), width, label=label)
     ax_share.axhline(100 / config.NUM_CLASSES, color="0.4", ls="--", lw=1, label="uniform (10 %)")
-    for ax, ylabel in ((ax_count, "images"), (ax_share, "share of split (%)")):
+    for ax, ylabel, title in ((ax_count, "images", "counts"), (ax_share, "share of split (%)", "shares")):
         ax.set_xticks(x, config.CLASS_NAMES)
-        ax.set_xlabel("digit")
-        ax.set_ylabel(ylabel)
-    ax_count.set_title("counts")
-    ax_share.set_title("shares")
+        ax.set(xlabel="digit", ylabel=ylabel, title=title)
     # One legend for both panels, below them (inside, it would hide bars).
     fig.legend(*ax_share.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     return fig
@@ -202,8 +194,7 @@ def plot_samples_per_class(images, labels, dataset: str, per_class: int = 8, see
         tiles[digit, : len(picked)] = _unit_float(images[picked])
     fig, ax = _figure("Random examples per class", dataset, figsize=(1.0 + 0.75 * per_class, 8.5))
     _show_montage(ax, tiles.flatten(0, 1), config.CLASS_NAMES, [str(i + 1) for i in range(per_class)])
-    ax.set_xlabel("example")
-    ax.set_ylabel("digit (label)")
+    ax.set(xlabel="example", ylabel="digit (label)")
     return fig
 
 
@@ -229,9 +220,7 @@ def plot_channel_histograms(images, dataset: str) -> Figure:
         ax.fill_between(levels, shares[c], step="mid", color=CHANNEL_COLORS[c], alpha=0.6)
         title = f"{CHANNEL_NAMES[c]}: mean {mean / 255:.3f}, std {std / 255:.3f} (0..1 units)"
         ax.set_title(title, fontsize=10)
-        ax.set_xlim(0, 255)
-        ax.set_xlabel("intensity (0-255)")
-        ax.set_ylabel("share of pixels")
+        ax.set(xlabel="intensity (0-255)", ylabel="share of pixels", xlim=(0, 255))
     return fig
 
 
@@ -262,11 +251,9 @@ def plot_image_statistics(
     """
     stats = image_statistics(images) if stats is None else stats
     log_sharp = np.log10(1.0 + np.asarray(stats["sharpness"]))  # heavy-tailed: log scale
-    columns = {
-        "brightness": ("brightness (mean gray, 0-255)", np.asarray(stats["brightness"])),
-        "contrast": ("contrast (std of gray, 0-255)", np.asarray(stats["contrast"])),
-        "sharpness": ("sharpness: log10(1 + Laplacian variance)", log_sharp),
-    }
+    columns = {"brightness": ("brightness (mean gray, 0-255)", np.asarray(stats["brightness"])),
+               "contrast": ("contrast (std of gray, 0-255)", np.asarray(stats["contrast"])),
+               "sharpness": ("sharpness: log10(1 + Laplacian variance)", log_sharp)}
     fig = plt.figure(layout="constrained", figsize=(13, 8))
     _suptitle(fig, f"Image statistics (n={len(log_sharp):,})", dataset)
     axes = fig.subplot_mosaic([["brightness"] * 2 + ["contrast"] * 2 + ["sharpness"] * 2,
@@ -275,17 +262,13 @@ def plot_image_statistics(
         ax = axes[name]
         ax.hist(values, bins=60, color="tab:blue", alpha=0.8)
         ax.axvline(np.median(values), color="k", ls="--", lw=1, label=f"median {np.median(values):.3g}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("images")
+        ax.set(xlabel=label, ylabel="images")
         ax.legend(fontsize=8)
-    n = len(log_sharp)
-    rng = np.random.default_rng(seed)
-    shown = rng.choice(n, size=min(n, max_points), replace=False)
+    shown = np.random.default_rng(seed).choice(len(log_sharp), size=min(len(log_sharp), max_points), replace=False)
     for key, (x_name, y_name) in (("bc", ("brightness", "contrast")), ("cs", ("contrast", "sharpness"))):
         ax = axes[key]
         ax.scatter(columns[x_name][1][shown], columns[y_name][1][shown], s=4, alpha=0.3, rasterized=True)
-        ax.set_xlabel(columns[x_name][0])
-        ax.set_ylabel(columns[y_name][0])
+        ax.set(xlabel=columns[x_name][0], ylabel=columns[y_name][0])
         ax.set_title(f"{y_name} vs {x_name} ({len(shown):,} random images)", fontsize=10)
     return fig
 
@@ -309,8 +292,7 @@ def plot_mean_images(images, labels, dataset: str) -> Figure:
     stretched = (means - low) / (high - low).clamp_min(1e-8)
     fig, ax = _figure("Mean image per class", dataset, figsize=(11, 2.9))
     _show_montage(ax, torch.cat([means, stretched]), ["mean", "mean,\nstretched"], config.CLASS_NAMES)
-    ax.set_xlabel("digit")
-    ax.set_ylabel("rendering")
+    ax.set(xlabel="digit", ylabel="rendering")
     return fig
 
 
@@ -336,8 +318,7 @@ def plot_channel_correlation(images, dataset: str) -> Figure:
     fig, ax = _figure("RGB channel correlation", dataset, figsize=(5.2, 4.3))
     _heatmap(ax, corr, np.vectorize(lambda v: f"{v:.3f}")(corr), CHANNEL_NAMES, CHANNEL_NAMES, cmap="viridis",
              vmin=min(0.0, float(corr.min())), vmax=1.0, colorbar_label="Pearson r", fontsize=11)
-    ax.set_xlabel("channel")
-    ax.set_ylabel("channel")
+    ax.set(xlabel="channel", ylabel="channel")
     return fig
 
 
@@ -351,9 +332,7 @@ def plot_channel_stats(mean: Sequence[float], std: Sequence[float], dataset: str
                       edgecolor="black", label=name)
         ax.bar_label(bars, fmt="%.3f", fontsize=ANNOT_FONTSIZE, padding=2)
     ax.set_xticks(x, CHANNEL_NAMES)
-    ax.set_xlabel("channel")
-    ax.set_ylabel("value (0..1 intensity units)")
-    ax.set_ylim(0, max(max(mean), max(std)) * 1.15)
+    ax.set(xlabel="channel", ylabel="value (0..1 intensity units)", ylim=(0, max(max(mean), max(std)) * 1.15))
     fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     return fig
 
@@ -386,15 +365,10 @@ def plot_learning_curves(history: Sequence[Mapping], dataset: str, title: str = 
                         label=key.split("_")[0])
         if best is not None:
             ax.axvline(best, color="0.5", ls=":", lw=1, label=f"best val F1 (epoch {best})")
-        if ylabel == "loss":
-            ax.set_ylim(0.0, 1.1 * ax.dataLim.y1)
-        else:
-            _metric_axis(ax)
-        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch still gets a unit-wide axis
+        # Metrics on their whole 0..1; one epoch still gets a unit-wide axis, with integer ticks.
+        ax.set(xlabel="epoch", ylabel=ylabel, title=ylabel, xlim=(min(epochs) - 0.5, max(epochs) + 0.5),
+               ylim=(0.0, 1.1 * ax.dataLim.y1 if ylabel == "loss" else 1.0))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(ylabel)
         ax.legend(fontsize=8)
     _chance_line(axes[2], chance)
     if len(epochs) == 1:
@@ -402,14 +376,8 @@ def plot_learning_curves(history: Sequence[Mapping], dataset: str, title: str = 
     return fig
 
 
-def plot_confusion_matrix(
-    cm,
-    dataset: str,
-    class_names: Sequence[str] = config.CLASS_NAMES,
-    normalize: bool = True,
-    title: str = "Confusion matrix",
-    budget: str | None = None,
-) -> Figure:
+def plot_confusion_matrix(cm, dataset: str, class_names: Sequence[str] = config.CLASS_NAMES, normalize: bool = True,
+                          title: str = "Confusion matrix", budget: str | None = None) -> Figure:
     """Confusion matrix (rows = true, columns = predicted); normalized per true class by default."""
     counts = np.asarray(cm, dtype=float)
     if normalize:
@@ -426,29 +394,21 @@ def plot_confusion_matrix(
                       figsize=(size + 1.2, size + (0.3 if budget else 0.0)))
     _heatmap(ax, values, texts, class_names, class_names, cmap="Blues", vmin=0.0, vmax=vmax,
              colorbar_label=bar_label, fontsize=8)
-    ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
+    ax.set(xlabel="predicted label", ylabel="true label")
     return fig
 
 
-def plot_per_class_f1(
-    f1_by_run: Mapping[str, Sequence[float]],
-    dataset: str,
-    class_names: Sequence[str] = config.CLASS_NAMES,
-    title: str = "Per-class F1",
-    budget: str | None = None,
-    chance: float | None = None,
-) -> Figure:
+def plot_per_class_f1(f1_by_run: Mapping[str, Sequence[float]], dataset: str,
+                      class_names: Sequence[str] = config.CLASS_NAMES, title: str = "Per-class F1",
+                      budget: str | None = None, chance: float | None = None) -> Figure:
     """Grouped bars of per-class F1 (seaborn), one colour per run; the legend gives each run's macro-F1."""
     scores = pd.DataFrame({f"{model_label(run)} (macro {np.mean(f1):.3f})": np.asarray(f1, dtype=float)
                            for run, f1 in f1_by_run.items()}, index=pd.Index(class_names, name="digit"))
     long = scores.reset_index().melt(id_vars="digit", var_name="run", value_name="F1")
     fig, ax = _figure(title, dataset, budget, figsize=(max(8.0, 0.9 * len(class_names) + 2), 4.5))
     sns.barplot(long, x="digit", y="F1", hue="run", ax=ax, saturation=0.9)
-    _metric_axis(ax)
     _chance_line(ax, chance)
-    ax.set_xlabel("digit")
-    ax.set_ylabel("F1 (test)")
+    ax.set(xlabel="digit", ylabel="F1 (test)", ylim=(0.0, 1.0))  # the whole range: zoomed bars exaggerate gaps
     ax.grid(axis="y", alpha=0.3)
     # Below the axes: inside, it would hide bars.
     sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.14), ncols=min(len(f1_by_run), 3), fontsize=8,
@@ -460,9 +420,7 @@ def _significance_mark(value) -> str:
     """A cell's mark: strings as given, True -> "*", and nothing for False / None / NaN."""
     if isinstance(value, str):
         return value
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return "*" if bool(value) else ""
+    return "*" if value is not None and not pd.isna(value) and bool(value) else ""
 
 
 def _heatmap_texts(values: np.ndarray, significance, ci_halfwidth) -> np.ndarray:
@@ -501,23 +459,14 @@ def _table_heatmap(table, dataset: str, title: str, metric_label: str, xlabel: s
         for text in ax.texts:
             if text.get_position() == (best_col + 0.5, best_row + 0.5):
                 text.set_fontweight("bold")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     if note:
         ax.set_title(note, fontsize=9)
     return fig
 
 
-def plot_heatmap(
-    table,
-    dataset: str,
-    title: str = "Stage × p_aug → macro-F1",
-    metric_label: str = "macro-F1 (test)",
-    significance=None,
-    ci_halfwidth=None,
-    note: str | None = None,
-    budget: str | None = None,
-) -> Figure:
+def plot_heatmap(table, dataset: str, title: str = "Stage × p_aug → macro-F1", metric_label: str = "macro-F1 (test)",
+                 significance=None, ci_halfwidth=None, note: str | None = None, budget: str | None = None) -> Figure:
     """Annotated "stage × p_aug → metric" heatmap (DataFrame: index stage, columns p_aug).
 
     ``significance``: same-shape DataFrame of marks ("*", "**", "") or booleans (True -> "*");
@@ -529,40 +478,26 @@ def plot_heatmap(
                           "augmentation stage", significance, ci_halfwidth, note, budget)
 
 
-def plot_robustness(
-    table,
-    dataset: str,
-    title: str = "Robustness to corruptions",
-    metric_label: str = "macro-F1 (test)",
-    budget: str | None = None,
-) -> Figure:
+def plot_robustness(table, dataset: str, title: str = "Robustness to corruptions",
+                    metric_label: str = "macro-F1 (test)", budget: str | None = None) -> Figure:
     """Heatmap of a metric per run (rows) and corruption kind (columns)."""
     return _table_heatmap(table, dataset, title, metric_label, "corruption", "run", budget=budget)
 
 
 def _cost_annotation(row: Mapping) -> str:
     """Short text of a run's cost: parameters, inference speed, checkpoint size (those given)."""
-    parts = []
-    if row.get("params") is not None:
-        parts.append(f"{row['params'] / 1e6:.3g} M params")
-    if row.get("images_per_s") is not None:
-        parts.append(f"{row['images_per_s']:,.0f} img/s")
-    if row.get("checkpoint_mb") is not None:
-        parts.append(f"{row['checkpoint_mb']:.1f} MB")
-    return "\n".join(parts)
-
-
-def _or(value, default):
-    return default if value is None else value
+    formats = {"params": lambda v: f"{v / 1e6:.3g} M params", "images_per_s": lambda v: f"{v:,.0f} img/s",
+               "checkpoint_mb": lambda v: f"{v:.1f} MB"}
+    return "\n".join(fmt(row[key]) for key, fmt in formats.items() if row.get(key) is not None)
 
 
 def _comparison_bars(rows: Sequence[Mapping], dataset: str, title: str, xlabel: str = "model",
                      budget: str | None = None, chance: float | None = None) -> Figure:
     """Macro-F1 bars with confidence-interval error bars on a 0..1 axis, each annotated with its cost."""
-    f1 = np.array([row["f1_macro"] for row in rows], dtype=float)
+    frame = pd.DataFrame(rows).reindex(columns=["f1_macro", "ci_low", "ci_high"]).astype(float)
+    f1 = frame["f1_macro"].to_numpy()
     # A row without an interval gets none (its bounds collapse onto the value).
-    low = np.array([_or(row.get("ci_low"), v) for row, v in zip(rows, f1, strict=True)], dtype=float)
-    high = np.array([_or(row.get("ci_high"), v) for row, v in zip(rows, f1, strict=True)], dtype=float)
+    low, high = (frame[key].fillna(frame["f1_macro"]).to_numpy() for key in ("ci_low", "ci_high"))
     fig, ax = _figure(title, dataset, budget, figsize=(max(6.0, 1.9 * len(rows) + 2), 5))
     x = np.arange(len(rows))
     ax.bar(x, f1, 0.6, color=plt.get_cmap("tab10")(x % 10), alpha=0.8, yerr=[f1 - low, high - f1], capsize=6,
@@ -573,11 +508,9 @@ def _comparison_bars(rows: Sequence[Mapping], dataset: str, title: str, xlabel: 
         inside = value > 0.5
         ax.text(xi, value / 2 if inside else upper + 0.02, text, ha="center", va="center" if inside else "bottom",
                 fontsize=ANNOT_FONTSIZE)
-    _metric_axis(ax)
     _chance_line(ax, chance)
     ax.set_xticks(x, [model_label(row["name"]) for row in rows])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("macro-F1 (test), 95% CI")
+    ax.set(xlabel=xlabel, ylabel="macro-F1 (test), 95% CI", ylim=(0.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -617,8 +550,7 @@ def plot_confused_pairs(images, y_true, y_pred, dataset: str, top_k: int = 5, pe
     pairs = top_confused_pairs(y_true, y_pred, top_k)
     figsize = (2.8 + 0.9 * per_pair, 1.2 + 1.0 * max(len(pairs), 1) + (0.3 if budget else 0.0))
     fig, ax = _figure(title, dataset, budget, figsize=figsize)
-    ax.set_xlabel("misclassified example")
-    ax.set_ylabel("true → predicted (errors)")
+    ax.set(xlabel="misclassified example", ylabel="true → predicted (errors)")
     if not pairs:
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([])
@@ -640,15 +572,6 @@ def _t_interval(values) -> tuple[float, float]:
     return summary["ci_low"], summary["ci_high"]
 
 
-def _one_seed_figure(title: str, dataset: str, budget: str | None) -> Figure:
-    """What plot_seed_spread returns when no cell has two seeds: a figure that says so."""
-    fig, ax = _figure(title, dataset, budget, figsize=(7, 2.5))
-    ax.text(0.5, 0.5, "one seed per cell: there is no spread over seeds to show\n"
-            "(train each cell with two or more seeds)", ha="center", va="center", transform=ax.transAxes)
-    ax.axis("off")
-    return fig
-
-
 def plot_seed_spread(df, dataset: str, metric: str = "f1_macro", title: str = "Spread over seeds",
                      budget: str | None = None, chance: float | None = None) -> Figure:
     """Per stage, one panel: the metric of every seed (seaborn strip plot) and its mean with a 95% t-interval.
@@ -657,7 +580,11 @@ def plot_seed_spread(df, dataset: str, metric: str = "f1_macro", title: str = "S
     (stage, p_aug) cell there is no spread: the figure says so instead of drawing single dots.
     """
     if df.groupby(["stage", "p_aug"])["seed"].nunique().max() < 2:
-        return _one_seed_figure(title, dataset, budget)
+        fig, ax = _figure(title, dataset, budget, figsize=(7, 2.5))
+        ax.text(0.5, 0.5, "one seed per cell: there is no spread over seeds to show\n"
+                "(train each cell with two or more seeds)", ha="center", va="center", transform=ax.transAxes)
+        ax.axis("off")
+        return fig
     stages = list(dict.fromkeys(df["stage"]))
     ncols = min(len(stages), 3)
     nrows = math.ceil(len(stages) / ncols)
@@ -674,8 +601,7 @@ def plot_seed_spread(df, dataset: str, metric: str = "f1_macro", title: str = "S
         ax.set_xticks(range(len(p_values)), [_fmt_axis_value(float(p)) for p in p_values])
         _chance_line(ax, chance)
         ax.set_title(stage, fontsize=10)
-        ax.set_xlabel("p_aug")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set(xlabel="p_aug", ylabel=METRIC_LABELS.get(metric, metric))
         ax.grid(axis="y", alpha=0.3)
     # Zoomed on the seeds (the spread is the point) but never outside the metric's [0, 1].
     low, high = axes.flat[0].get_ylim()
@@ -699,10 +625,8 @@ def plot_tuning_history(values: Sequence[float], dataset: str, budget: str | Non
     fig, ax = _figure(f"Tuning history ({values.size} trials)", dataset, budget, figsize=(7.5, 4.2))
     ax.plot(trials, values, "o", color="tab:blue", alpha=0.7, label="trial")
     ax.step(trials, np.fmax.accumulate(values), where="post", color="tab:red", label="best so far")
-    _metric_axis(ax)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("trial number")
-    ax.set_ylabel("validation macro-F1")
+    ax.set(xlabel="trial number", ylabel="validation macro-F1", ylim=(0.0, 1.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return fig
@@ -720,9 +644,7 @@ def plot_param_importances(importances: Mapping[str, float], n_trials: int, data
                       figsize=(7.5, 2.2 + 0.4 * len(names)))
     bars = ax.barh(names, [importances[name] for name in names], color="tab:blue", alpha=0.8)
     ax.bar_label(bars, fmt="%.2f", fontsize=ANNOT_FONTSIZE, padding=2)
-    _metric_axis(ax, "x")
-    ax.set_xlabel("importance (share of the objective's variance)")
-    ax.set_ylabel("hyperparameter")
+    ax.set(xlabel="importance (share of the objective's variance)", ylabel="hyperparameter", xlim=(0.0, 1.0))
     if n_trials < MIN_TRIALS_FOR_IMPORTANCES:
         ax.set_title(f"only {n_trials} trials: too few for importances to mean anything "
                      f"(need ≥ {MIN_TRIALS_FOR_IMPORTANCES})", color="tab:red", fontsize=9)

@@ -248,7 +248,8 @@ def test_heatmap_plain_and_eight_columns():
     fig = viz.plot_heatmap(table, "svhn", title="t")
     assert_figure(fig, 1, dataset="svhn")
     texts = cell_texts(main_axes(fig)[0])
-    assert [texts[r, c].get_text() for r in range(2) for c in range(8)] == [f"{v:.3f}" for v in table.to_numpy().ravel()]
+    expected = [f"{v:.3f}" for v in table.to_numpy().ravel()]
+    assert [texts[r, c].get_text() for r in range(2) for c in range(8)] == expected
 
 
 def test_robustness_heatmap():
