@@ -92,7 +92,7 @@ def _chance_line(ax, chance: float | None) -> None:
     if chance is None:
         return
     ax.axhline(chance, color="tab:red", ls="--", lw=1)
-    ax.annotate(f"chance {chance:.2f}", (1.0, chance), xycoords=("axes fraction", "data"), ha="right",
+    ax.annotate(f"chance {chance:.2f}", (0.99, chance), xycoords=("axes fraction", "data"), ha="right",
                 va="bottom", color="tab:red", fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.7, "pad": 1})
 
 
