@@ -347,17 +347,14 @@ def _svhn_file(split: str, root: Path, download: bool) -> tuple[Path, str]:
 
 
 def _synthetic_file(split: str, root: Path) -> tuple[Path, str]:
-    """The synthetic split's .mat (generated with the default sizes if missing) and what to do when it is damaged."""
+    """The synthetic split's .mat (generated if missing) and what to do when it is damaged."""
     if split not in SYNTHETIC_FILES:
         raise DatasetError(
             f"the synthetic dataset has no {split!r} split; choose one of {tuple(SYNTHETIC_FILES)}"
         )
-    folder = ensure_synthetic_svhn(root)  # generates them with the default sizes unless current files exist
-    path = folder / SYNTHETIC_FILES[split]
+    folder = ensure_synthetic_svhn(root)  # generates both with the default sizes unless current files exist
     remedy = f"regenerate the synthetic data with `python synthetic_svhn.py --root {root}` (sizes and seed as needed)"
-    if not path.exists():
-        raise DatasetError(f"synthetic {split} split not found at {path} although {folder} holds the others; {remedy}.")
-    return path, remedy
+    return folder / SYNTHETIC_FILES[split], remedy
 
 
 def _split(dataset: str, split: str, root: str | Path | None, download: bool) -> _Split:
