@@ -211,8 +211,9 @@ def _source_fingerprint(path: Path) -> dict[str, int | str]:
     }
 
 
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().numpy()).cast("B")
+def _raw_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array (a view, for a contiguous tensor)."""
+    return tensor.contiguous().numpy().reshape(-1).view(np.uint8)
 
 
 def _checksum(images: torch.Tensor, labels: torch.Tensor) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,8 @@ def test_cache_written_and_reused_without_reading_the_mat(tmp_path, monkeypatch)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     blob = torch.load(path.with_name(path.name + ".pt"), weights_only=True)
     assert torch.equal(blob["images"], first[0])
+    # The stored checksum is zlib's CRC-32 of the image bytes, then the label bytes.
+    assert blob["checksum"] == zlib.crc32(first[1].numpy().tobytes(), zlib.crc32(first[0].numpy().tobytes()))
 
 
 def test_returned_tensors_do_not_share_the_in_process_cache(tmp_path):
