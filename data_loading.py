@@ -1,6 +1,9 @@
 """SVHN and synthetic SVHN on disk and in memory: reading, caching, splitting, batching.
 
-Images travel as uint8 tensors (N, 3, 32, 32) and labels as int64 (N,) in 0..9.
+Images travel as uint8 tensors (N, 3, 32, 32) and labels as int64 (N,) in 0..9. Each .mat's
+tensors are cached beside it (``<file>.mat.pt``) with a CRC-32 checked on every read and the
+split's ``data_fingerprint`` (sizes and a SHA-256 of the images and labels), which run ids use
+to tell one version of the data from another.
 Two ways to batch them:
 
 - ``DeviceLoader``: the whole split resident on the training device; each epoch one
@@ -259,13 +262,14 @@ def _read_cache(cache: Path, source: dict[str, int | str], mat: Path) -> _Split 
         return None
     try:
         blob = torch.load(cache, weights_only=True)
-        current = blob["version"] == CACHE_VERSION and blob["source"] == source
-        problem = _cache_problem(blob) if current else None
+        if blob["version"] != CACHE_VERSION or blob["source"] != source:
+            return None
+        problem = _cache_problem(blob)
     except Exception as exc:  # torch, zip and pickle errors, a missing key, a blob that is not a dict
-        current, problem = True, f"it cannot be read: {_short(exc)}"
+        problem = f"it cannot be read: {_short(exc)}"
     if problem is not None:
+        # stacklevel 5: the caller of load_split or data_fingerprint.
         warnings.warn(f"tensor cache {cache} is damaged ({problem}); rebuilding it from {mat}", CacheWarning, 5)
-    if not current or problem is not None:
         return None
     return _Split(source, blob["images"], blob["labels"], blob["fingerprint"])
 
@@ -358,7 +362,7 @@ def _synthetic_file(split: str, root: Path) -> tuple[Path, str]:
     return folder / SYNTHETIC_FILES[split], remedy
 
 
-def _split(dataset: str, split: str, root: str | Path | None, download: bool) -> _Split:
+def _held_split(dataset: str, split: str, root: str | Path | None, download: bool) -> _Split:
     if dataset not in config.DATASETS:
         raise config.ConfigError(f"unknown dataset {dataset!r}; choose one of {config.DATASETS}")
     if split not in config.SPLITS:
@@ -382,7 +386,7 @@ def load_split(
     from the .mat with a ``CacheWarning``. Returned tensors are the caller's own (cloned from the
     in-process cache, which costs about 50 ms for SVHN train).
     """
-    held = _split(dataset, split, root, download)
+    held = _held_split(dataset, split, root, download)
     return held.images.clone(), held.labels.clone()
 
 
@@ -390,7 +394,7 @@ def data_fingerprint(dataset: str, split: str, root: str | Path | None = None, d
     """The identity of the split ``load_split`` returns: ``<N>-<32 hex digits of a SHA-256 of its images
     and labels>``. Computed once when the tensor cache is built and kept in it; later calls in a process
     cost a stat and a 1 MiB read. Regenerated or replaced data gets another fingerprint."""
-    return _split(dataset, split, root, download).fingerprint
+    return _held_split(dataset, split, root, download).fingerprint
 
 
 # ----------------------------------------------------------------------------- statistics and splits

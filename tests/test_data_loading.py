@@ -182,6 +182,7 @@ def test_cache_with_zeroed_bytes_warns_and_is_rebuilt(tmp_path):
     with pytest.warns(data_loading.CacheWarning, match="checksum") as record:
         again, again_labels = load_split("svhn", "train", root=tmp_path, download=False)
     assert str(cache_path(path)) in str(record[0].message) and str(path) in str(record[0].message)
+    assert record[0].filename == __file__  # the warning points at the caller's line
     assert torch.equal(again, images) and torch.equal(again_labels, labels)
     data_loading.clear_cache()
     with warnings.catch_warnings():
