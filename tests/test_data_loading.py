@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,8 @@ def test_cache_written_and_reused_without_reading_the_mat(tmp_path, monkeypatch)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     blob = torch.load(path.with_name(path.name + ".pt"), weights_only=True)
     assert torch.equal(blob["images"], first[0])
+    # The stored checksum is zlib's CRC-32 of the image bytes, then the label bytes.
+    assert blob["checksum"] == zlib.crc32(first[1].numpy().tobytes(), zlib.crc32(first[0].numpy().tobytes()))
 
 
 def test_returned_tensors_do_not_share_the_in_process_cache(tmp_path):
@@ -119,20 +124,218 @@ def test_cache_invalidated_when_the_mat_changes(tmp_path):
     assert torch.equal(cached, new)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_mat_raises_and_leaves_no_cache(tmp_path, damage):
+def cache_path(path: Path) -> Path:
+    return path.with_name(path.name + ".pt")
+
+
+def test_source_change_rebuilds_the_cache_without_a_warning(tmp_path):
+    path = write_mat(raw_path(tmp_path), *svhn_arrays(20, seed=0))
+    load_split("svhn", "train", root=tmp_path, download=False)
+    x, y = svhn_arrays(25, seed=1)
+    write_mat(path, x, y)
+    data_loading.clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, _ = load_split("svhn", "train", root=tmp_path, download=False)
+    assert torch.equal(images, torch.from_numpy(x.transpose(3, 2, 0, 1).copy()))
+
+
+def rewrite_in_place_keeping_times(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Overwrite the file's bytes through the same inode, then put its old atime and mtime back."""
+    before = path.stat()
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, {"X": x, "y": y})
+    assert len(buffer.getvalue()) == before.st_size
+    with open(path, "r+b") as file:
+        file.write(buffer.getvalue())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+@pytest.mark.parametrize("forget_memory", [False, True])
+def test_mat_rewritten_in_place_with_its_old_mtime_is_not_served_stale(tmp_path, forget_memory):
+    path = write_mat(raw_path(tmp_path), *svhn_arrays(20, seed=0))
+    old, _ = load_split("svhn", "train", root=tmp_path, download=False)
+    x, y = svhn_arrays(20, seed=1)
+    rewrite_in_place_keeping_times(path, x, y)
+    if forget_memory:  # a new process: only the .pt cache is left
+        data_loading.clear_cache()
+    new, new_labels = load_split("svhn", "train", root=tmp_path, download=False)
+    assert torch.equal(new, torch.from_numpy(x.transpose(3, 2, 0, 1).copy()))
+    assert torch.equal(new_labels, torch.from_numpy(y.reshape(-1).astype(np.int64) % 10))
+
+
+def zero_bytes_inside_the_images(cache: Path, images: torch.Tensor, count: int) -> None:
+    """Zero ``count`` bytes of the stored image data (found by its first bytes), as a bad disk would."""
+    data = bytearray(cache.read_bytes())
+    start = data.find(images.numpy().tobytes()[:64])
+    assert start >= 0 and images.numel() > count + 1000
+    data[start + 1000 : start + 1000 + count] = bytes(count)
+    cache.write_bytes(bytes(data))
+
+
+def test_cache_with_zeroed_bytes_warns_and_is_rebuilt(tmp_path):
+    path = write_mat(raw_path(tmp_path), *svhn_arrays(30))
+    images, labels = load_split("svhn", "train", root=tmp_path, download=False)
+    zero_bytes_inside_the_images(cache_path(path), images, 5000)
+    data_loading.clear_cache()
+    with pytest.warns(data_loading.CacheWarning, match="checksum") as record:
+        again, again_labels = load_split("svhn", "train", root=tmp_path, download=False)
+    assert str(cache_path(path)) in str(record[0].message) and str(path) in str(record[0].message)
+    assert record[0].filename == __file__  # the warning points at the caller's line
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)
+    data_loading.clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt cache passes its checks
+        assert torch.equal(load_split("svhn", "train", root=tmp_path, download=False)[0], images)
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda blob: blob["labels"].__setitem__(3, 99), "labels run from 0 to 99, outside 0..9"),
+        (lambda blob: blob["labels"].__setitem__(3, -1), "outside 0..9"),
+        (lambda blob: blob["labels"].__setitem__(3, (blob["labels"][3] + 1) % 10), "checksum"),
+        (lambda blob: blob["images"].__setitem__((0, 0, 0, 0), 7), "checksum"),
+        (lambda blob: blob.__setitem__("labels", blob["labels"].int()), "not int64"),
+        (lambda blob: blob.__setitem__("images", blob["images"][:, :1]), "not uint8 \\(N, 3, 32, 32\\)"),
+        (lambda blob: blob.pop("checksum"), "checksum"),
+        (lambda blob: blob.pop("fingerprint"), "fingerprint is missing"),
+    ],
+)
+def test_cache_with_edited_contents_warns_and_is_rebuilt(tmp_path, edit, problem):
+    path = write_mat(raw_path(tmp_path), *svhn_arrays(30))
+    images, labels = load_split("svhn", "train", root=tmp_path, download=False)
+    fingerprint = data_loading.data_fingerprint("svhn", "train", root=tmp_path, download=False)
+    blob = torch.load(cache_path(path), weights_only=True)
+    edit(blob)
+    torch.save(blob, cache_path(path))
+    data_loading.clear_cache()
+    with pytest.warns(data_loading.CacheWarning, match=problem):
+        again, again_labels = load_split("svhn", "train", root=tmp_path, download=False)
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)
+    assert data_loading.data_fingerprint("svhn", "train", root=tmp_path, download=False) == fingerprint
+
+
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"not a zip file"])
+def test_unreadable_cache_warns_and_is_rebuilt(tmp_path, damage):
+    path = write_mat(raw_path(tmp_path), *svhn_arrays(30))
+    images, _ = load_split("svhn", "train", root=tmp_path, download=False)
+    cache_path(path).write_bytes(damage(cache_path(path).read_bytes()))
+    data_loading.clear_cache()
+    with pytest.warns(data_loading.CacheWarning, match="cannot be read"):
+        assert torch.equal(load_split("svhn", "train", root=tmp_path, download=False)[0], images)
+    assert torch.load(cache_path(path), weights_only=True)["version"] == data_loading.CACHE_VERSION
+
+
+# ----------------------------------------------------------------------------- data fingerprints
+
+
+def fingerprint_of(root: Path, dataset: str = "svhn", split: str = "train") -> str:
+    return data_loading.data_fingerprint(dataset, split, root=root, download=False)
+
+
+def test_fingerprint_follows_content_not_location(tmp_path):
+    x, y = svhn_arrays(20, seed=0)
+    write_mat(raw_path(tmp_path / "a"), x, y)
+    write_mat(raw_path(tmp_path / "b"), x, y)
+    first = fingerprint_of(tmp_path / "a")
+    assert first.startswith("20-") and first == fingerprint_of(tmp_path / "b")
+    changed_pixel = x.copy()
+    changed_pixel[0, 0, 0, 5] ^= 1
+    write_mat(raw_path(tmp_path / "c"), changed_pixel, y)
+    changed_label = y.copy()
+    changed_label[4, 0] = changed_label[4, 0] % 10 + 1
+    write_mat(raw_path(tmp_path / "d"), x, changed_label)
+    write_mat(raw_path(tmp_path / "e"), *svhn_arrays(21, seed=0))
+    others = {fingerprint_of(tmp_path / name) for name in "cde"}
+    assert len(others) == 3 and first not in others
+
+
+def test_fingerprint_kept_with_the_cache_and_cheap_to_repeat(tmp_path, monkeypatch):
+    path = write_mat(raw_path(tmp_path), *svhn_arrays(20))
+    first = fingerprint_of(tmp_path)
+    data_loading.clear_cache()
+
+    def no_mat_reads(*args, **kwargs):
+        raise AssertionError("the .mat was read although its cache is current")
+
+    monkeypatch.setattr(scipy.io, "loadmat", no_mat_reads)
+    assert fingerprint_of(tmp_path) == first  # from the .pt cache
+    monkeypatch.setattr(torch, "load", no_mat_reads)
+    assert fingerprint_of(tmp_path) == first  # from memory: neither file is loaded again
+    monkeypatch.undo()
+    write_mat(path, *svhn_arrays(20, seed=5))  # a replaced file
+    assert fingerprint_of(tmp_path) != first
+
+
+def test_fingerprint_of_regenerated_synthetic_data(tmp_path):
+    data_loading.make_synthetic_svhn(tmp_path / "a", n_train=30, n_test=20, seed=0)
+    data_loading.make_synthetic_svhn(tmp_path / "b", n_train=30, n_test=20, seed=1)
+    data_loading.make_synthetic_svhn(tmp_path / "c", n_train=40, n_test=20, seed=0)
+    train = [fingerprint_of(tmp_path / name, "synthetic") for name in "abc"]
+    assert len(set(train)) == 3 and train[0].startswith("30-") and train[2].startswith("40-")
+    # The test split is drawn from its own stream: unchanged by n_train.
+    assert fingerprint_of(tmp_path / "a", "synthetic", "test") == fingerprint_of(tmp_path / "c", "synthetic", "test")
+    data_loading.make_synthetic_svhn(tmp_path / "a", n_train=30, n_test=20, seed=2)  # regenerated in place
+    assert fingerprint_of(tmp_path / "a", "synthetic") not in train
+
+
+# ----------------------------------------------------------------------------- errors: one sentence with the fix
+
+
+def assert_one_sentence(error: BaseException, *parts: str) -> None:
+    """One line, naming every part, and no chained exception to print above it."""
+    message = str(error)
+    assert "\n" not in message and message.endswith(".")
+    for part in parts:
+        assert part in message
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda data: data[: len(data) // 2], "probably truncated"),
+        (lambda data: data[:300], "probably truncated"),
+        (lambda data: b"\x00not a mat file" * 50, "not a MATLAB file"),
+        (lambda data: b"", "it is empty"),
+        (lambda data: data[:128], "holds no variables"),  # the header alone
+    ],
+)
+def test_malformed_mat_raises_one_sentence_and_leaves_no_cache(tmp_path, damage, problem):
     path = write_mat(raw_path(tmp_path), *svhn_arrays(50))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00not a mat file" * 50)
-    with pytest.raises(DatasetError, match=str(path)):
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DatasetError, match=problem) as info:
         load_split("svhn", "train", root=tmp_path, download=False)
+    url = SVHN.split_list["train"][0]
+    assert_one_sentence(info.value, str(path), f"delete it to have it downloaded again, or download {url}")
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_other_variable_names_are_listed_with_the_expected_ones(tmp_path):
+    path = raw_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    scipy.io.savemat(path, {"images": np.zeros((32, 32, 3, 4), np.uint8), "labels": np.ones((4, 1))})
+    with pytest.raises(DatasetError) as info:
+        load_split("svhn", "train", root=tmp_path, download=False)
+    assert_one_sentence(info.value, str(path), "holds the variables images, labels", "needs X (images", "y (N labels)")
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 4), np.uint8)})
+    with pytest.raises(DatasetError, match="holds the variables X but"):
+        load_split("svhn", "train", root=tmp_path, download=False)
+
+
+def test_unreadable_path_raises_one_sentence(tmp_path):
+    raw_path(tmp_path).mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(DatasetError, match="cannot be read") as info:
+        load_split("svhn", "train", root=tmp_path, download=False)
+    assert_one_sentence(info.value, str(raw_path(tmp_path)))
 
 
 @pytest.mark.parametrize(
     "x_shape, labels, problem",
     [
-        ((32, 32, 1, 8), None, "X must be uint8"),
+        ((32, 32, 1, 8), None, "X must be uint8 of shape \\(32, 32, 3, N\\), got uint8 \\(32, 32, 1, 8\\)"),
         ((28, 28, 3, 8), None, "X must be uint8"),
         ((32, 32, 3), None, "X must be uint8"),
         ((32, 32, 3, 8), [11] + [1] * 7, "labels must be integers 1..10"),
@@ -147,32 +350,48 @@ def test_invalid_layout_raises(tmp_path, x_shape, labels, problem):
     path = write_mat(raw_path(tmp_path), x, y.astype(np.float64))
     with pytest.raises(DatasetError, match=problem) as info:
         load_split("svhn", "train", root=tmp_path, download=False)
-    assert str(path) in str(info.value)
+    assert_one_sentence(info.value, str(path))
     assert not path.with_name(path.name + ".pt").exists()
 
 
 def test_float_images_rejected(tmp_path):
     write_mat(raw_path(tmp_path), np.zeros((32, 32, 3, 4)), np.ones((4, 1)))
-    with pytest.raises(DatasetError, match="uint8"):
+    with pytest.raises(DatasetError, match="got float64"):
         load_split("svhn", "train", root=tmp_path, download=False)
+
+
+def test_damaged_synthetic_file_names_the_generator_command(tmp_path):
+    data_loading.make_synthetic_svhn(tmp_path, n_train=30, n_test=20, seed=0)
+    train = tmp_path / "synthetic" / "train_32x32.mat"
+    train.write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="not a MATLAB file") as info:
+        load_split("synthetic", "train", root=tmp_path)
+    assert_one_sentence(info.value, str(train), f"python synthetic_svhn.py --root {tmp_path}")
 
 
 def test_missing_files_offline_name_path_and_url(tmp_path):
     url, filename, _ = SVHN.split_list["test"]
     with pytest.raises(DatasetError) as info:
         load_split("svhn", "test", root=tmp_path, download=False)
-    assert str(tmp_path / "raw" / filename) in str(info.value) and url in str(info.value)
+    assert_one_sentence(info.value, str(tmp_path / "raw" / filename), url, "'synthetic'")
 
 
-def test_failed_download_names_path_and_url(tmp_path, monkeypatch):
+def test_failed_download_is_one_sentence_and_leaves_no_partial_file(tmp_path, monkeypatch):
     def offline(url, root, filename=None, md5=None):
-        raise OSError("network unreachable")
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(b"partial")
+        try:
+            raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+        except ConnectionError as exc:  # a chain like urllib's
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>\n" + "x" * 500) from exc
 
     monkeypatch.setattr(data_loading, "download_url", offline)
     url, filename, _ = SVHN.split_list["train"]
-    with pytest.raises(DatasetError, match="network unreachable") as info:
+    with pytest.raises(DatasetError, match="download failed: OSError: <urlopen error") as info:
         load_split("svhn", "train", root=tmp_path)
-    assert str(tmp_path / "raw" / filename) in str(info.value) and url in str(info.value)
+    assert_one_sentence(info.value, str(tmp_path / "raw" / filename), url, "'synthetic'")
+    assert "x" * 300 not in str(info.value)
+    assert not (tmp_path / "raw" / filename).exists()
 
 
 def test_download_flow_passes_torchvision_url_and_md5(tmp_path, monkeypatch):
