@@ -152,6 +152,8 @@ def _check_journal_path(path: Path) -> None:
         raise QueueError(f"{path} is a folder, not a journal file: name a file in it, e.g. {path / JOURNAL_NAME}")
     if not folder.exists() and folder.resolve() == Path(config.REPORTS_DIR).resolve():
         folder.mkdir(parents=True, exist_ok=True)  # the library's own output folder
+    if folder.exists() and not folder.is_dir():
+        raise QueueError(f"{folder} is a file, so the journal file {path} can not be in it: fix the path")
     if not folder.is_dir():
         raise QueueError(f"the folder {folder} of the journal file {path} does not exist: create it, or fix "
                          "the path (a mistyped folder would start a second, empty queue)")
