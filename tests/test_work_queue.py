@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -342,28 +343,40 @@ def test_open_journal_never_appends_onto_a_line_torn_meanwhile(tmp_path):
     assert [t.user_attrs["cell_key"] for t in trials] == [_key(c) for c in _cells()[:2]]
 
 
-@pytest.mark.parametrize("failing_write", [1, 2, 3, 4, 5, 7, 10])
+# The n-th append of the worker (1: its claim of a cell, 2: its name, 3: first heartbeat, 4: the report,
+# 5: COMPLETE; 7 and 10 the same steps of later cells), or the first heartbeat of its background thread.
+@pytest.mark.parametrize("failing_write", [1, 2, 3, 4, 5, 7, 10, "background heartbeat"])
 def test_disk_full_in_the_middle_of_a_write(tmp_path, monkeypatch, failing_write):
     path, name, cells = tmp_path / "q.journal", "grid", _cells()[:3]
     wq.enqueue_cells(str(path), name, cells, _key)
-    real_append, writes = wq._JournalFile._append, []
+    real_append, writes, failed = wq._JournalFile._append, [], []
+
+    def fails_now() -> bool:
+        if failing_write == "background heartbeat":
+            return threading.current_thread().name == "work-queue-monitor"
+        return len(writes) == failing_write
 
     def append_until_the_disk_fills(self, data: bytes) -> None:
         writes.append(data)
-        if len(writes) == failing_write:  # half the record reaches the disk, then ENOSPC
-            real_append(self, data[: len(data) // 2])
+        if not failed and fails_now():  # half the record reaches the disk, then ENOSPC
+            failed.append(data[: len(data) // 2])
+            real_append(self, failed[0])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_append(self, data)
+
+    def slow_execute(cell: dict) -> dict:
+        time.sleep(0.25)  # a few background heartbeats per cell
+        return _execute(cell)
 
     monkeypatch.setattr(wq._JournalFile, "_append", append_until_the_disk_fills)
     for attempt in range(2):  # the worker that met the full disk stops; a second one finishes the grid
         try:
-            wq.run_worker(str(path), name, _execute, **_WORKER)
+            wq.run_worker(str(path), name, slow_execute if failing_write == "background heartbeat" else _execute,
+                          **_WORKER)
             break
         except wq.QueueError as err:
             assert attempt == 0 and "No space left on device" in str(err)
-    half = writes[failing_write - 1][: len(writes[failing_write - 1]) // 2]
-    assert [side.read_bytes() for side in tmp_path.glob("q.journal.torn-*")] == [half]
+    assert len(failed) == 1 and [side.read_bytes() for side in tmp_path.glob("q.journal.torn-*")] == failed
     _assert_every_line_is_a_record(path)
     _assert_each_cell_complete_once(str(path), name, cells)
 
