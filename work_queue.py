@@ -6,10 +6,20 @@ machine, each call `run_worker`, which takes the next waiting cell, runs it and 
 in the storage, until no cell is left. Workers never enqueue new cells: concurrent
 ``enqueue_trial(skip_if_exists=True)`` calls can add the same trial twice (Optuna issue #2925).
 
-Storage (`open_storage`): the journal file (default ``reports/optuna.journal``) is safe for
-several processes on one machine; a PostgreSQL (or MySQL) URL serves workers on many machines.
-SQLite is for one worker only: it lacks ``SELECT ... FOR UPDATE``, and several workers on it ran
-more trials than were queued and crashed (see the Optuna FAQ).
+Storage (`open_storage`): the journal file (default ``reports/optuna.journal``, `default_storage`)
+is safe for several processes on one machine; a PostgreSQL (or MySQL) URL serves workers on many
+machines. SQLite is for one worker only: it lacks ``SELECT ... FOR UPDATE``, and several workers on
+it ran more trials than were queued and crashed (see the Optuna FAQ). A path that exists but is not
+a journal is refused untouched. A worker killed, or a disk that fills, in the middle of a write
+leaves the journal's last line torn; Optuna's readers skip it, but its next write would be glued
+onto it and break every later read. So the journal is repaired when opened, and before each write,
+under the lock Optuna's writers take: the torn tail is cut off and kept in a side file
+(``<journal>.torn-<UTC time>``, `repair_journal`). The lost record never reached any reader, and a
+cell it left RUNNING is retried by the watch for dead workers below.
+
+This module is also the library's one contact with Optuna's storages for tuning studies
+(`create_tuning_study`, `fail_interrupted_trials`) and with Optuna's log (`configure_optuna_logging`);
+the only private Optuna name it reads is a trial's storage id (`_trial_id`).
 
 Each cell is one Optuna trial. It is enqueued WAITING with ``params={}`` and the cell kept in
 its user attributes (``cell``, ``cell_key``, ``retries``). A worker claims it by moving it from

@@ -486,3 +486,14 @@ def test_experimental_warnings_of_the_optuna_calls_used_are_silenced(optuna_logg
         optuna_plots.plot_optimization_history(study)
         optuna_plots.plot_param_importances(study)
     assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+
+
+def test_journal_damaged_before_its_last_line_is_a_queue_error(tmp_path):
+    path = tmp_path / "q.journal"
+    wq.enqueue_cells(str(path), "grid", _cells()[:2], _key)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:1], lines[1][:10], *lines[1:]]))  # an old torn line, glued onto
+    before = path.read_bytes()
+    with pytest.raises(wq.QueueError, match="is damaged before its last line.*move it aside"):
+        wq.open_storage(path)
+    assert path.read_bytes() == before
