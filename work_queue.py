@@ -709,6 +709,9 @@ def fail_interrupted_trials(study: optuna.Study, reason: str = "interrupted") ->
             continue  # it finished meanwhile
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         failed += 1
+    if failed:
+        logger.warning("study %s: %d trial(s) left running by a stopped process set FAIL (%s)",
+                       study.study_name, failed, reason)
     return failed
 
 
@@ -727,9 +730,10 @@ def configure_optuna_logging(target: logging.Logger | str | None = None) -> None
     """Route Optuna's log records through ``target`` (default this module's logger), without colours.
 
     Optuna's own handler writes ANSI colour codes to stderr, which show as garbage in notebooks;
-    it is removed and each record is handed to ``target`` instead. The `ExperimentalWarning` of
-    the Optuna functions this library calls (their interface may change) is silenced. Safe to call
-    more than once.
+    it is removed and each record is handed to ``target`` instead, so Optuna's INFO lines (one per
+    finished trial) show only where ``target`` has a handler at INFO level (e.g. after
+    ``logging.basicConfig(level=logging.INFO)``). The `ExperimentalWarning` of the Optuna functions
+    this library calls (their interface may change) is silenced. Safe to call more than once.
     """
     target = logging.getLogger(target) if isinstance(target, str) else target or logger
     optuna.logging.disable_default_handler()
