@@ -6,10 +6,20 @@ machine, each call `run_worker`, which takes the next waiting cell, runs it and 
 in the storage, until no cell is left. Workers never enqueue new cells: concurrent
 ``enqueue_trial(skip_if_exists=True)`` calls can add the same trial twice (Optuna issue #2925).
 
-Storage (`open_storage`): the journal file (default ``reports/optuna.journal``) is safe for
-several processes on one machine; a PostgreSQL (or MySQL) URL serves workers on many machines.
-SQLite is for one worker only: it lacks ``SELECT ... FOR UPDATE``, and several workers on it ran
-more trials than were queued and crashed (see the Optuna FAQ).
+Storage (`open_storage`): the journal file (default ``reports/optuna.journal``, `default_storage`)
+is safe for several processes on one machine; a PostgreSQL (or MySQL) URL serves workers on many
+machines. SQLite is for one worker only: it lacks ``SELECT ... FOR UPDATE``, and several workers on
+it ran more trials than were queued and crashed (see the Optuna FAQ). A path that exists but is not
+a journal is refused untouched. A worker killed, or a disk that fills, in the middle of a write
+leaves the journal's last line torn; Optuna's readers skip it, but its next write would be glued
+onto it and break every later read. So the journal is repaired when opened, and before each write,
+under the lock Optuna's writers take: the torn tail is cut off and kept in a side file
+(``<journal>.torn-<UTC time>``, `repair_journal`). The lost record never reached any reader, and a
+cell it left RUNNING is retried by the watch for dead workers below.
+
+This module is also the library's one contact with Optuna's storages for tuning studies
+(`create_tuning_study`, `fail_interrupted_trials`) and with Optuna's log (`configure_optuna_logging`);
+the only private Optuna name it reads is a trial's storage id (`_trial_id`).
 
 Each cell is one Optuna trial. It is enqueued WAITING with ``params={}`` and the cell kept in
 its user attributes (``cell``, ``cell_key``, ``retries``). A worker claims it by moving it from
@@ -49,6 +59,7 @@ when the run is already done), so a rare double run costs time but never a secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,21 +68,24 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 import config
+from atomic_io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "optuna.journal"
+# How every record of an Optuna journal starts (json.dumps of a dict whose first key is op_code).
+JOURNAL_SIGNATURE = b'{"op_code"'
 # User attributes of a cell's trial.
 CELL_ATTR = "cell"
 KEY_ATTR = "cell_key"
@@ -82,6 +96,10 @@ HEARTBEAT_ATTR = "heartbeat"
 WORKER_ATTR = "worker"
 ERROR_ATTR = "error"
 FAIL_REASON_ATTR = "fail_reason"
+# User attribute of a tuning trial failed by `fail_interrupted_trials` (or by the objective).
+TUNING_FAILURE_ATTR = "failure_reason"
+# Optuna functions the library calls that Optuna marks experimental (their warning is silenced).
+EXPERIMENTAL_OPTUNA_CALLS = ("plot_optimization_history", "plot_param_importances")
 
 
 class QueueError(RuntimeError):
@@ -92,22 +110,28 @@ class QueueError(RuntimeError):
 # Storage
 
 
-def default_storage_path() -> Path:
-    """The journal file used when no storage is named: ``<REPORTS_DIR>/optuna.journal``."""
-    return Path(config.REPORTS_DIR) / JOURNAL_NAME
+def default_storage() -> str:
+    """The journal file used when no storage is named: ``<REPORTS_DIR>/optuna.journal`` (read at call time)."""
+    return str(Path(config.REPORTS_DIR) / JOURNAL_NAME)
+
+
+def is_storage(source: str | Path) -> bool:
+    """Whether ``source`` names an Optuna storage (a URL, or a ``.journal`` / ``.db`` file) rather than a folder."""
+    text = str(source)
+    return "://" in text or text.endswith((".journal", ".db"))
 
 
 def open_storage(url: str | Path | None = None, *, connect_timeout: int = 5) -> BaseStorage:
     """Open the queue's storage: a journal file, or a database given by an SQLAlchemy URL.
 
-    ``None`` -> the default journal file; a path, or ``journal://<path>`` -> that journal file;
-    ``sqlite:///<path>`` -> SQLite (one worker only); any other URL such as
-    ``postgresql+psycopg2://user:password@host:5432/db`` -> that database, failing within about
-    ``connect_timeout`` seconds with a `QueueError` when it can not be reached.
+    ``None`` -> the default journal file (its folder is created); a path, or ``journal://<path>``
+    -> that journal file, in a folder that must exist; ``sqlite:///<path>`` -> SQLite (one worker
+    only); any other URL such as ``postgresql+psycopg2://user:password@host:5432/db`` -> that
+    database, failing within about ``connect_timeout`` seconds with a `QueueError` when it can not
+    be reached. A journal whose last record was torn (a worker killed or a disk full mid-write) is
+    repaired on opening (`repair_journal`); a file that is not a journal is refused untouched.
     """
-    if url is None:
-        return _open_journal(default_storage_path())
-    text = str(url)
+    text = default_storage() if url is None else str(url)
     if isinstance(url, Path) or "://" not in text:
         if text.endswith((".db", ".sqlite", ".sqlite3")):
             raise QueueError(f"{text} looks like a SQLite file: open it as sqlite:///{text} (one worker)")
@@ -118,11 +142,46 @@ def open_storage(url: str | Path | None = None, *, connect_timeout: int = 5) -> 
 
 
 def _open_journal(path: Path) -> JournalStorage:
+    _check_journal_path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        backend = _JournalFile(path)
+        backend.repair()
+        return JournalStorage(backend)
     except OSError as err:
-        raise QueueError(f"cannot open the journal file {path}: {err}") from err
+        raise QueueError(f"cannot open the journal file {path}: {err.strerror or err}; check the path and "
+                         "its permissions") from err
+    except ValueError as err:  # a damaged record before the last line: Optuna can not replay the log
+        raise QueueError(f"the journal file {path} is damaged before its last line ({err}): move it aside "
+                         "and enqueue the cells again (finished runs keep their reports)") from err
+
+
+def _check_journal_path(path: Path) -> None:
+    """Refuse a journal path that can not work, before anything is created or written."""
+    folder = path.parent
+    if path.is_dir():
+        raise QueueError(f"{path} is a folder, not a journal file: name a file in it, e.g. {path / JOURNAL_NAME}")
+    if not folder.exists() and folder.resolve() == Path(config.REPORTS_DIR).resolve():
+        folder.mkdir(parents=True, exist_ok=True)  # the library's own output folder
+    if folder.exists() and not folder.is_dir():
+        raise QueueError(f"{folder} is a file, so the journal file {path} can not be in it: fix the path")
+    if not folder.is_dir():
+        raise QueueError(f"the folder {folder} of the journal file {path} does not exist: create it, or fix "
+                         "the path (a mistyped folder would start a second, empty queue)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QueueError(f"the folder {folder} is not writable, and the journal {path.name} and its lock file "
+                         "are written there: choose a writable folder or fix its permissions")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise QueueError(f"the journal file {path} is not readable and writable: fix its permissions")
+    if path.exists() and not _looks_like_journal(path):
+        raise QueueError(f"{path} exists and is not an Optuna journal file (left untouched): name a new file "
+                         "or an existing journal, e.g. reports/optuna.journal")
+
+
+def _looks_like_journal(path: Path) -> bool:
+    """Empty, or starting with Optuna's first record field (even when that first record is torn)."""
+    with open(path, "rb") as file:
+        head = file.read(len(JOURNAL_SIGNATURE) + 1)
+    return head.startswith(JOURNAL_SIGNATURE) or JOURNAL_SIGNATURE.startswith(head)
 
 
 def _open_database(url: str, connect_timeout: int) -> RDBStorage:
@@ -140,10 +199,13 @@ def _open_database(url: str, connect_timeout: int) -> RDBStorage:
         return RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as err:
         raise QueueError(f"no database driver for {shown}: install it (e.g. psycopg2-binary)") from err
+    except sqlalchemy.exc.NoSuchModuleError as err:
+        raise QueueError(f"unknown kind of database in the storage URL {shown}: use a .journal file, "
+                         "sqlite:///<file> or postgresql+psycopg2://user:password@host/db") from err
     except sqlalchemy.exc.SQLAlchemyError as err:
         first_line = str(err.orig if getattr(err, "orig", None) else err).strip().splitlines()[0]
         raise QueueError(
-            f"cannot reach the storage database {shown}: {first_line}. Check that the server is "
+            f"cannot reach the storage database {shown} ({first_line}): check that the server is "
             "running, the host, port, user and password, that the database exists, and that a "
             "firewall lets this machine connect."
         ) from err
@@ -161,7 +223,140 @@ def _load_study(storage: BaseStorage, study_name: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError as err:
-        raise QueueError(f"no study {study_name!r} in the storage: enqueue the cells first") from err
+        names = optuna.get_all_study_names(storage)
+        known = f" (it holds {', '.join(map(repr, names))})" if names else " (it holds no study yet)"
+        raise QueueError(f"no study {study_name!r} in the storage{known}: enqueue the cells first, "
+                         "or name an existing study") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# The journal file: torn last records are cut off, never appended onto
+
+
+class _JournalFile(JournalFileBackend):
+    """Optuna's journal file whose writers first cut off a torn last record.
+
+    A worker killed, or a disk that fills, in the middle of an append leaves a last line without
+    its newline. Optuna's readers skip such a line, but its next append would be glued onto it and
+    make every later read fail. Here each append, under the same lock Optuna's file backend takes
+    for its writes, first checks the file's last byte and cuts a torn tail off (`_cut_torn_tail`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's JournalFileBackend uses by default
+        super().__init__(str(path), lock_obj=self.lock)
+
+    def repair(self) -> Path | None:
+        """Cut off a torn or unparseable last line; return the side file that keeps it, or None."""
+        with _locked(self.lock):
+            return _cut_torn_tail(self.path, check_last_line=True)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode("utf-8")
+        with _locked(self.lock):
+            _cut_torn_tail(self.path, check_last_line=False)
+            self._append(data)
+
+    def _append(self, data: bytes) -> None:
+        with open(self.path, "ab") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def repair_journal(path: str | Path) -> Path | None:
+    """Cut a torn or unparseable last line off the journal file at ``path``, under its lock.
+
+    The cut bytes are kept in ``<journal>.torn-<UTC time>`` and a warning names both files; the
+    side file's path is returned (None when the journal was whole). The record lost was never
+    applied by any reader, so the queue reads as before; a cell whose finishing record was torn
+    is still RUNNING and is retried by the dead-worker watch like any other.
+    """
+    path = Path(path)
+    _check_journal_path(path)
+    return _JournalFile(path).repair()
+
+
+@contextlib.contextmanager
+def _locked(lock: JournalFileSymlinkLock) -> Iterator[None]:
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _cut_torn_tail(path: Path, *, check_last_line: bool) -> Path | None:
+    """Truncate the journal before its torn tail, saved first to a side file (caller holds the lock).
+
+    A tail is torn when the file does not end with a newline; with ``check_last_line`` a last
+    line that is not a JSON record counts as torn too (reading it costs more than one byte).
+    """
+    with open(path, "r+b") as file:
+        size = file.seek(0, os.SEEK_END)
+        start = _torn_tail_start(file, size, check_last_line)
+        if start is None:
+            return None
+        file.seek(start)
+        torn = file.read()
+        side = _save_torn_bytes(path, torn)
+        file.truncate(start)
+        file.flush()
+        os.fsync(file.fileno())
+    logger.warning("the journal %s ended in a torn record (%d bytes; a worker killed or a disk full while "
+                   "writing): cut off and kept in %s; a cell it left running is retried", path, len(torn), side)
+    return side
+
+
+def _torn_tail_start(file: BinaryIO, size: int, check_last_line: bool) -> int | None:
+    """Offset where the torn tail begins, or None when the file ends with a whole record."""
+    if size == 0:
+        return None
+    file.seek(size - 1)
+    if file.read(1) != b"\n":
+        return _line_start(file, size)
+    if not check_last_line:
+        return None
+    start = _line_start(file, size - 1)
+    file.seek(start)
+    return None if _is_record(file.read(size - start)) else start
+
+
+def _line_start(file: BinaryIO, end: int, chunk: int = 1 << 16) -> int:
+    """Offset just after the last newline before ``end`` (0 when there is none), read backwards."""
+    position = end
+    while position > 0:
+        step = min(chunk, position)
+        position -= step
+        file.seek(position)
+        newline = file.read(step).rfind(b"\n")
+        if newline >= 0:
+            return position + newline + 1
+    return 0
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+
+
+def _save_torn_bytes(path: Path, torn: bytes) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    side = path.with_name(f"{path.name}.torn-{stamp}")
+    n = 1
+    while side.exists():
+        n += 1
+        side = path.with_name(f"{path.name}.torn-{stamp}-{n}")
+    try:
+        atomic_write_bytes(side, torn)
+    except OSError as err:
+        raise QueueError(f"the journal {path} ends in a torn record that could not be saved to {side} "
+                         f"({err.strerror or err}): free disk space and open the queue again; the journal "
+                         "was not changed") from err
+    return side
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +608,9 @@ def run_worker(
                 continue
             _run_cell(storage, study, trial, execute, monitor, worker_id, value_key, max_retries)
             n_ran += 1
+    except OSError as err:  # the cell's own errors are caught in _run_cell: this is the storage's file
+        raise QueueError(f"cannot write to the queue's storage ({err.strerror or err}): free disk space or "
+                         "fix permissions, then start the worker again (its running cell is retried)") from err
     finally:
         monitor.stop()
 
@@ -478,20 +676,71 @@ def queue_status(storage: BaseStorage | str | Path | None, study_name: str) -> d
     }
 
 
-def default_storage() -> str:
-    """The storage used when none is named, as a string (the journal file under REPORTS_DIR)."""
-    return str(default_storage_path())
+# ---------------------------------------------------------------------------------------------
+# Tuning studies and Optuna's log
 
 
-def is_storage(source: str | Path) -> bool:
-    """Whether ``source`` names a queue storage (a URL or a journal / database file), not a folder."""
-    text = str(source)
-    return "://" in text or text.endswith((".journal", ".db"))
+def create_tuning_study(study_name: str, storage: BaseStorage | str | Path | None, seed: int) -> optuna.Study:
+    """Create or resume a maximising study (TPE seeded with ``seed``, median pruner after one step).
+
+    Trials a killed tuning process left RUNNING are failed first (`fail_interrupted_trials`), so a
+    resumed study counts its finished trials right.
+    """
+    study = optuna.create_study(
+        study_name=study_name, storage=_as_storage(storage), direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(n_warmup_steps=1),
+    )
+    fail_interrupted_trials(study)
+    return study
 
 
-def fail_interrupted_trials(study: optuna.Study) -> None:
-    """Trials left RUNNING by a killed tuning process are failed, so a resume counts them right.
-    (Tuning is one process per study; the grid's workers have their own recovery.)"""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(_trial_id(trial), "failure_reason", "interrupted")
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+def fail_interrupted_trials(study: optuna.Study, reason: str = "interrupted") -> int:
+    """Set FAIL, with user attribute ``failure_reason``, every trial left RUNNING; return how many.
+
+    For a study run by one process at a time (tuning): its RUNNING trials belong to a process that
+    is gone. The queue's cells have their own recovery (`run_worker`) and must not go through this.
+    """
+    failed = 0
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial = optuna.trial.Trial(study, _trial_id(frozen))
+        try:
+            trial.set_user_attr(TUNING_FAILURE_ATTR, reason)
+        except UpdateFinishedTrialError:
+            continue  # it finished meanwhile
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        failed += 1
+    if failed:
+        logger.warning("study %s: %d trial(s) left running by a stopped process set FAIL (%s)",
+                       study.study_name, failed, reason)
+    return failed
+
+
+class _ForwardToLogger(logging.Handler):
+    """Hands each Optuna log record to ``target``, whose handlers format it (no colour codes)."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def configure_optuna_logging(target: logging.Logger | str | None = None) -> None:
+    """Route Optuna's log records through ``target`` (default this module's logger), without colours.
+
+    Optuna's own handler writes ANSI colour codes to stderr, which show as garbage in notebooks;
+    it is removed and each record is handed to ``target`` instead, so Optuna's INFO lines (one per
+    finished trial) show only where ``target`` has a handler at INFO level (e.g. after
+    ``logging.basicConfig(level=logging.INFO)``). The `ExperimentalWarning` of the Optuna functions
+    this library calls (their interface may change) is silenced. Safe to call more than once.
+    """
+    target = logging.getLogger(target) if isinstance(target, str) else target or logger
+    optuna.logging.disable_default_handler()
+    optuna.logging.disable_propagation()
+    optuna_root = logging.getLogger("optuna")
+    for handler in [h for h in optuna_root.handlers if isinstance(h, _ForwardToLogger)]:
+        optuna_root.removeHandler(handler)
+    optuna_root.addHandler(_ForwardToLogger(target))
+    for name in EXPERIMENTAL_OPTUNA_CALLS:
+        warnings.filterwarnings("ignore", message=rf".*\b{name} is experimental", category=ExperimentalWarning)

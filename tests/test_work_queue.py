@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +24,7 @@ from optuna.trial import TrialState
 import config
 import work_queue as wq
 from atomic_io import atomic_write_json
-from tests.pg import postgres_url  # noqa: F401  (fixture, requested through the `storage_url` fixture)
+from tests.pg import DATABASE, postgres_url  # noqa: F401  (fixture, requested through the `storage_url` fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 HEARTBEAT, GRACE = 0.5, 2.0  # seconds: short, so a dead worker's cell is retried within seconds
@@ -244,3 +248,252 @@ def test_unreachable_database_fails_fast_with_queue_error():
 def test_missing_study_is_a_queue_error(tmp_path):
     with pytest.raises(wq.QueueError, match="enqueue the cells first"):
         wq.run_worker(str(tmp_path / "q.journal"), "nothing", lambda cell: {})
+
+
+def test_missing_study_names_the_studies_the_storage_holds(tmp_path):
+    url = str(tmp_path / "q.journal")
+    wq.enqueue_cells(url, "grid", _cells()[:1], _key)
+    with pytest.raises(wq.QueueError, match=r"no study 'gird' in the storage \(it holds 'grid'\)"):
+        wq.queue_status(url, "gird")
+
+
+def test_missing_database_on_a_running_server_is_a_queue_error(request):
+    url = request.getfixturevalue("postgres_url").replace(f"/{DATABASE}?", "/no_such_database?")
+    with pytest.raises(wq.QueueError, match="no_such_database.*does not exist.*that the database exists"):
+        wq.open_storage(url)
+
+
+def test_unknown_database_kind_is_a_queue_error():
+    with pytest.raises(wq.QueueError, match="unknown kind of database.*postgresql"):
+        wq.open_storage("nosuchdb://host/grid")
+
+
+# --- journal repair, refused paths ---------------------------------------------------------------
+
+_WORKER = dict(heartbeat_interval=0.1, grace_period=0.5)  # a dead worker's cell is retried within a second
+
+
+def _execute(cell: dict) -> dict:
+    return {"key": _key(cell)}
+
+
+def _assert_every_line_is_a_record(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    assert all(isinstance(json.loads(line), dict) for line in data.splitlines())
+
+
+def _assert_each_cell_complete_once(url: str, name: str, cells: list[dict]) -> None:
+    trials = optuna.load_study(study_name=name, storage=wq.open_storage(url)).trials
+    complete = [t.user_attrs["cell_key"] for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == sorted(map(_key, cells))
+    assert sorted(r["key"] for r in wq.reports_from_storage(url, name)) == sorted(map(_key, cells))
+
+
+TEARS = {  # the last record as a dying writer left it
+    "first byte only": lambda record: record[:1],
+    "half": lambda record: record[: len(record) // 2],
+    "all but its newline": lambda record: record[:-1],
+    "half, then a newline": lambda record: record[: len(record) // 2] + b"\n",
+}
+
+
+@pytest.mark.parametrize("tear", TEARS)
+def test_torn_last_record_is_cut_off_and_its_cell_retried(tmp_path, caplog, tear):
+    path, name, cells = tmp_path / "q.journal", "grid", _cells()[:3]
+    wq.enqueue_cells(str(path), name, cells, _key)
+    study = optuna.load_study(study_name=name, storage=wq.open_storage(path))
+    study.tell(study.ask(), 1.0)  # a worker finishes a cell and dies while writing that record
+    data = path.read_bytes()
+    start = data[:-1].rfind(b"\n") + 1
+    torn = TEARS[tear](data[start:])
+    path.write_bytes(data[:start] + torn)
+
+    with caplog.at_level(logging.WARNING, logger="work_queue"):
+        ran = wq.run_worker(str(path), name, _execute, **_WORKER)
+    sides = list(tmp_path.glob("q.journal.torn-*"))
+    assert [side.read_bytes() for side in sides] == [torn]
+    assert any(str(path) in r.getMessage() and str(sides[0]) in r.getMessage() for r in caplog.records)
+    _assert_every_line_is_a_record(path)
+    status = wq.queue_status(str(path), name)
+    assert ran == 3 and status["counts"] == {"COMPLETE": 3, "FAIL": 1}  # the torn cell failed as dead, retried
+    _assert_each_cell_complete_once(str(path), name, cells)
+
+
+def test_journal_whose_first_record_is_torn_opens_empty(tmp_path):
+    path = tmp_path / "q.journal"
+    path.write_bytes(b'{"op_co')
+    wq.enqueue_cells(str(path), "grid", _cells()[:2], _key)
+    _assert_every_line_is_a_record(path)
+    assert [side.read_bytes() for side in tmp_path.glob("q.journal.torn-*")] == [b'{"op_co']
+    assert wq.repair_journal(path) is None  # whole now
+
+
+def test_open_journal_never_appends_onto_a_line_torn_meanwhile(tmp_path):
+    path = tmp_path / "q.journal"
+    storage = wq.open_storage(path)  # this worker keeps the journal open...
+    wq.enqueue_cells(storage, "grid", _cells()[:1], _key)
+    torn = b'{"op_code":8,"worker_id":"dead","trial_id":0,"user_attr":{"heartb'
+    with open(path, "ab") as journal:  # ...while another one dies in the middle of a write
+        journal.write(torn)
+    assert wq.enqueue_cells(storage, "grid", _cells()[:2], _key) == 1
+    _assert_every_line_is_a_record(path)
+    assert [side.read_bytes() for side in tmp_path.glob("q.journal.torn-*")] == [torn]
+    trials = optuna.load_study(study_name="grid", storage=wq.open_storage(path)).trials
+    assert [t.user_attrs["cell_key"] for t in trials] == [_key(c) for c in _cells()[:2]]
+
+
+# The n-th append of the worker (1: its claim of a cell, 2: its name, 3: first heartbeat, 4: the report,
+# 5: COMPLETE; 7 and 10 the same steps of later cells), or the first heartbeat of its background thread.
+@pytest.mark.parametrize("failing_write", [1, 2, 3, 4, 5, 7, 10, "background heartbeat"])
+def test_disk_full_in_the_middle_of_a_write(tmp_path, monkeypatch, failing_write):
+    path, name, cells = tmp_path / "q.journal", "grid", _cells()[:3]
+    wq.enqueue_cells(str(path), name, cells, _key)
+    real_append, writes, failed = wq._JournalFile._append, [], []
+
+    def fails_now() -> bool:
+        if failing_write == "background heartbeat":
+            return threading.current_thread().name == "work-queue-monitor"
+        return len(writes) == failing_write
+
+    def append_until_the_disk_fills(self, data: bytes) -> None:
+        writes.append(data)
+        if not failed and fails_now():  # half the record reaches the disk, then ENOSPC
+            failed.append(data[: len(data) // 2])
+            real_append(self, failed[0])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_append(self, data)
+
+    def slow_execute(cell: dict) -> dict:
+        time.sleep(0.25)  # a few background heartbeats per cell
+        return _execute(cell)
+
+    monkeypatch.setattr(wq._JournalFile, "_append", append_until_the_disk_fills)
+    for attempt in range(2):  # the worker that met the full disk stops; a second one finishes the grid
+        try:
+            wq.run_worker(str(path), name, slow_execute if failing_write == "background heartbeat" else _execute,
+                          **_WORKER)
+            break
+        except wq.QueueError as err:
+            assert attempt == 0 and "No space left on device" in str(err)
+    assert len(failed) == 1 and [side.read_bytes() for side in tmp_path.glob("q.journal.torn-*")] == failed
+    _assert_every_line_is_a_record(path)
+    _assert_each_cell_complete_once(str(path), name, cells)
+
+
+def test_a_file_that_is_not_a_journal_is_refused_untouched(tmp_path):
+    path = tmp_path / "notes.journal"
+    path.write_text("my notes\nsecond line")
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    calls = [lambda: wq.open_storage(path), lambda: wq.enqueue_cells(str(path), "grid", _cells(), _key),
+             lambda: wq.run_worker(f"journal://{path}", "grid", _execute), lambda: wq.repair_journal(path)]
+    for call in calls:
+        with pytest.raises(wq.QueueError, match="is not an Optuna journal file"):
+            call()
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    assert list(tmp_path.iterdir()) == [path]  # no lock file, no side file
+
+
+@pytest.mark.parametrize("where, message", [
+    ("folder", "is a folder, not a journal file"),
+    ("missing/q.journal", "does not exist: create it"),
+    ("file.txt/q.journal", "is a file"),
+])
+def test_bad_journal_paths_are_queue_errors(tmp_path, where, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(wq.QueueError, match=message):
+        wq.open_storage(tmp_path / where)
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_folder_is_a_queue_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(wq.QueueError, match="is not writable"):
+            wq.open_storage(folder / "q.journal")
+    finally:
+        folder.chmod(0o755)
+
+
+# --- storage names, tuning studies, Optuna's log -------------------------------------------------
+
+
+def test_default_storage_follows_the_reports_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "REPORTS_DIR", tmp_path / "elsewhere")
+    assert wq.default_storage() == str(tmp_path / "elsewhere" / "optuna.journal")
+    assert wq.is_storage(wq.default_storage())
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("reports/optuna.journal", True), ("sqlite:///reports/optuna.db", True), ("grid.db", True),
+    ("postgresql+psycopg2://u@h/db", True), ("reports/runs", False), (Path("reports"), False),
+])
+def test_is_storage(source, expected):
+    assert wq.is_storage(source) is expected
+
+
+def test_tuning_study_fails_trials_a_killed_process_left_running(tmp_path):
+    url = str(tmp_path / "tune.journal")
+    study = wq.create_tuning_study("tune", url, seed=0)
+    study.tell(study.ask({"lr": optuna.distributions.FloatDistribution(0, 1)}), 0.5)
+    study.ask()  # the tuning process is killed during this trial
+    resumed = wq.create_tuning_study("tune", url, seed=0)
+    done, killed = resumed.trials
+    assert (done.state, done.value, killed.state) == (TrialState.COMPLETE, 0.5, TrialState.FAIL)
+    assert killed.user_attrs == {"failure_reason": "interrupted"}
+    assert wq.fail_interrupted_trials(resumed) == 0
+    resumed.optimize(lambda trial: trial.suggest_float("lr", 0, 1), n_trials=1)
+    assert [t.state for t in resumed.trials][-1] == TrialState.COMPLETE
+
+
+@pytest.fixture
+def optuna_logging_restored():
+    optuna_logger = logging.getLogger("optuna")
+    handlers, propagate = list(optuna_logger.handlers), optuna_logger.propagate
+    yield
+    optuna_logger.handlers[:] = handlers
+    optuna_logger.propagate = propagate
+
+
+def test_optuna_log_goes_through_the_library_logger_without_colours(tmp_path, capsys, optuna_logging_restored):
+    target, stream = logging.getLogger("library-under-test"), io.StringIO()
+    handler = logging.StreamHandler(stream)
+    target.addHandler(handler)
+    try:
+        wq.configure_optuna_logging(target)
+        wq.configure_optuna_logging(target)  # twice: still one copy of each record
+        optuna.create_study(study_name="s", storage=wq.open_storage(tmp_path / "q.journal"))
+    finally:
+        target.removeHandler(handler)
+    assert stream.getvalue() == "A new study created in Journal with name: s\n"  # no colour codes
+    assert "A new study created" not in capsys.readouterr().err  # Optuna's coloured handler is gone
+
+
+def test_experimental_warnings_of_the_optuna_calls_used_are_silenced(optuna_logging_restored):
+    import warnings
+
+    from optuna.visualization import matplotlib as optuna_plots
+
+    study = optuna.create_study()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    with warnings.catch_warnings(record=True) as caught:  # the filters set inside are dropped on exit
+        warnings.simplefilter("always")
+        wq.configure_optuna_logging()
+        optuna_plots.plot_optimization_history(study)
+        optuna_plots.plot_param_importances(study)
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+
+
+def test_journal_damaged_before_its_last_line_is_a_queue_error(tmp_path):
+    path = tmp_path / "q.journal"
+    wq.enqueue_cells(str(path), "grid", _cells()[:2], _key)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:1], lines[1][:10], *lines[1:]]))  # an old torn line, glued onto
+    before = path.read_bytes()
+    with pytest.raises(wq.QueueError, match="is damaged before its last line.*move it aside"):
+        wq.open_storage(path)
+    assert path.read_bytes() == before
