@@ -50,11 +50,9 @@ STAGES = (
 # The same stages without the horizontal flip (published SVHN recipes never mirror digits).
 NOFLIP_SUFFIX = "_noflip"
 NOFLIP_STAGES = tuple(f"{stage}{NOFLIP_SUFFIX}" for stage in STAGES[1:])
-# torchvision's learned policies; they run through the per-sample path only.
+# torchvision's learned policies (batched by BatchAugment; per sample in the original DataLoader path).
 POLICY_STAGES = ("autoaugment_svhn", "randaugment", "trivialaugment")
 ALL_STAGES = STAGES + NOFLIP_STAGES + POLICY_STAGES
-# Names added at run time by augmentations.register_stage (a user's own stages).
-CUSTOM_STAGES: set[str] = set()
 
 P_AUG_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -133,8 +131,10 @@ def validate_config(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the valid choices for the first bad field."""
     require(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of {MODELS}")
     require(cfg.dataset in DATASETS, f"unknown dataset {cfg.dataset!r}; choose one of {DATASETS}")
-    require(cfg.stage in ALL_STAGES or cfg.stage in CUSTOM_STAGES,
-             f"unknown stage {cfg.stage!r}; choose one of {ALL_STAGES + tuple(sorted(CUSTOM_STAGES))}")
+    # Built-in or registered with augmentations.register_stage: augmentations.stage_ops checks the name.
+    require(isinstance(cfg.stage, str) and cfg.stage != "",
+            f"stage must be a non-empty stage name (one of {ALL_STAGES} or a registered custom stage), "
+            f"got {cfg.stage!r}")
     require(0.0 <= cfg.p_aug <= 1.0, f"p_aug must lie in [0, 1], got {cfg.p_aug}")
     require(cfg.optimizer in OPTIMIZERS, f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
     require(cfg.scheduler in SCHEDULERS, f"unknown scheduler {cfg.scheduler!r}; choose one of {SCHEDULERS}")
