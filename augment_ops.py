@@ -270,6 +270,8 @@ def erase_batch(
     """``v2.functional.erase`` per sample: each active box takes ``value`` (a number or a tensor that
     broadcasts to (B, C, H, W))."""
     mask = box_mask(boxes, active, x.shape[-2], x.shape[-1])
+    if not isinstance(value, torch.Tensor):
+        return x.masked_fill_(mask, value) if inplace else x.masked_fill(mask, value)
     return torch.where(mask, value, x, out=x if inplace else None)
 
 
