@@ -346,7 +346,7 @@ def _policy_blend(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) ->
     other = torch.where(_is(op, "Brightness").view(-1, 1, 1, 1), torch.zeros_like(other), other)
     blended = torch.addcmul(x.mul(ratio), other, rest)  # x r + other (1 - r), rounded as add_(alpha=) rounds
     blur = _sharpness_blur(x)
-    sharpened = blur.sub_(x).mul_(rest).add_(x)
+    sharpened = torch.addcmul(x, blur.sub_(x), rest)
     out = torch.where(_is(op, "Sharpness").view(-1, 1, 1, 1), sharpened, blended)
     return out.clamp_(0.0, 255.0).floor_()
 
