@@ -1,36 +1,242 @@
 """The study's augmentation stages, defined once and applied two ways.
 
-``STAGE_SPECS`` maps every stage name to a tuple of op specs (small frozen dataclasses
-holding the original study's values). Two engines read it:
+``STAGE_SPECS`` maps every built-in stage name to a tuple of op specs; ``register_stage`` adds a
+user's own. Each op spec (a small frozen dataclass holding the original study's values) owns its
+three faces:
 
-- the per-sample path (``build_stage_transform``, ``stage1_basic`` ... ``stage5_occlusion``,
-  ``ProbTransform``): torchvision v2 transforms on PIL images, one image at a time, as the
-  original study ran them inside DataLoader workers;
-- the batched path (``BatchAugment``): per-sample random parameters drawn in vectorized calls
-  from a ``torch.Generator`` with torchvision's distributions, then applied to a whole
-  (B, 3, H, W) batch on any device with masks and ``torch.where``.
+- ``torchvision(mean, std)``: its torchvision v2 transform, for the per-sample path
+  (``build_stage_transform``, ``stage1_basic`` ... ``stage5_occlusion``, ``ProbTransform``) that runs
+  on PIL images one at a time inside DataLoader workers, as the original study did;
+- ``sample(draws)``: its per-sample random parameters for a whole batch, drawn in vectorized calls from
+  one ``torch.Generator`` with torchvision's distributions, as a typed parameter object;
+- ``apply(x, params, context)``: the batched op on a float (B, 3, H, W) batch (kernels in ``augment_ops``).
 
-The batched ops mirror torchvision's tensor kernels (``torchvision.transforms.v2.functional``
-on float images): rotation/affine use torchvision's inverse matrix about the image centre,
-bilinear sampling with ``align_corners=False`` and its fill-mask blend; colour jitter blends with
-zeros (brightness) or the grayscale mean (contrast); blur uses torchvision's 1-D kernel with reflect
-padding. One deliberate difference: geometry on uint8 input is not rounded back to uint8 between
-ops (torchvision's uint8 kernels round after each op); the batch stays float in [0, 1].
+``BatchAugment`` chains the batched faces. It returns float images in [0, 1] units; normalization is
+the data loader's job (``augment_ops.normalize_batch``, always after the optional augmentation). Ops
+that a stage places after ``Normalize`` (random erasing) act in normalized units: their values are
+mapped back to [0, 1] units (v * std + mean), so that normalizing afterwards gives exactly what
+torchvision's Normalize-then-RandomErasing gives.
+
+One deliberate difference: geometry on uint8 input is not rounded back to uint8 between ops
+(torchvision's uint8 kernels round after each op); the batch stays float. The learned policies do
+round as torchvision's uint8 kernels, and draw one op and magnitude per image (torchvision v2's
+batched call draws one per batch; its per-image calls, the original study's path, draw per image).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import config
+from augment_ops import (
+    POLICY_OPS,
+    SIGNED_OPS,
+    SVHN_POLICY,
+    WIDE_OPS,
+    affine_batch,
+    blur_batch,
+    channel_constant,
+    erase_batch,
+    hflip_batch,
+    jitter_batch,
+    noise_batch,
+    policy_op_batch,
+    policy_tables,
+    quantize,
+    rotate_batch,
+    to_unit_float,
+)
+
+BILINEAR = v2.InterpolationMode.BILINEAR
+
 
 # --------------------------------------------------------------------------------------------
-# Op specs: plain frozen dataclasses, validated on construction.
+# Random draws and sampled parameters.
+# --------------------------------------------------------------------------------------------
+
+
+class Draws:
+    """The random draws of one batch: ``n`` samples of ``size`` (H, W), all from ``gen``, on its device."""
+
+    def __init__(self, n: int, size: tuple[int, int], gen: torch.Generator):
+        self.n, self.size, self.gen = n, size, gen
+        self._normals: torch.Tensor | None = None
+
+    def uniform(self, lo: float, hi: float, *shape: int) -> torch.Tensor:
+        """U(lo, hi) of shape (n, *shape)."""
+        u = torch.rand((self.n, *shape), generator=self.gen, device=self.gen.device)
+        return u.mul_(hi - lo).add_(lo)
+
+    def bernoulli(self, p: float, *shape: int) -> torch.Tensor:
+        """Bool (n, *shape), True with probability p."""
+        return torch.rand((self.n, *shape), generator=self.gen, device=self.gen.device) < p
+
+    def integers(self, high: int, *shape: int) -> torch.Tensor:
+        """Uniform integers in [0, high), long (n, *shape)."""
+        return torch.randint(high, (self.n, *shape), generator=self.gen, device=self.gen.device)
+
+    def normals(self) -> torch.Tensor:
+        """N(0, 1) per pixel (n, 3, H, W), drawn once per batch and shared by noise and random erasing.
+
+        Erasing overwrites the noise inside its box, so the box's values and the noise left visible
+        come from disjoint pixels: independent, as with torchvision's two separate draws, at half the
+        cost of the largest draw.
+        """
+        if self._normals is None:
+            self._normals = torch.randn((self.n, 3, *self.size), generator=self.gen, device=self.gen.device)
+        return self._normals
+
+
+@dataclass(frozen=True)
+class OpParams:
+    """Sampled parameters of one op for a batch: tensor fields with the batch as first dimension."""
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        """The same parameters with ``fn`` applied to every tensor (device moves, sample subsets)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: fn(v) for k, v in values.items() if v is not None})
+
+    def describe(self, index: int) -> str:
+        """Sample ``index``'s parameters in a few words ("" when there is nothing to show)."""
+        return ""
+
+
+@dataclass(frozen=True)
+class FlipParams(OpParams):
+    flip: torch.Tensor  # bool (B,)
+
+    def describe(self, index: int) -> str:
+        return "flip" if bool(self.flip[index]) else ""
+
+
+@dataclass(frozen=True)
+class RotateParams(OpParams):
+    angle: torch.Tensor  # (B,) degrees, RandomRotation's convention (anticlockwise)
+
+    def describe(self, index: int) -> str:
+        return f"rot {float(self.angle[index]):+.0f}°"
+
+
+@dataclass(frozen=True)
+class AffineParams(OpParams):
+    angle: torch.Tensor  # (B,) degrees, RandomAffine's convention
+    translate: torch.Tensor  # (B, 2) integer pixels (tx, ty)
+    scale: torch.Tensor  # (B,)
+
+    def describe(self, index: int) -> str:
+        tx, ty = self.translate[index].tolist()
+        return f"rot {float(self.angle[index]):+.0f}° s {float(self.scale[index]):.2f}\nt ({tx:+.0f},{ty:+.0f}) px"
+
+
+@dataclass(frozen=True)
+class JitterParams(OpParams):
+    brightness: torch.Tensor  # (B,) factors
+    contrast: torch.Tensor  # (B,) factors
+    contrast_first: torch.Tensor  # bool (B,)
+
+    def describe(self, index: int) -> str:
+        return f"b {float(self.brightness[index]):.2f} c {float(self.contrast[index]):.2f}"
+
+
+@dataclass(frozen=True)
+class BlurParams(OpParams):
+    sigma: torch.Tensor  # (B,)
+
+    def describe(self, index: int) -> str:
+        return f"σ {float(self.sigma[index]):.2f}"
+
+
+@dataclass(frozen=True)
+class NoiseParams(OpParams):
+    noise: torch.Tensor  # (B, 3, H, W), N(0, std)
+
+    def describe(self, index: int) -> str:
+        return "+noise"
+
+
+@dataclass(frozen=True)
+class NormalizeParams(OpParams):
+    """Normalize draws nothing."""
+
+
+@dataclass(frozen=True)
+class EraseParams(OpParams):
+    erase: torch.Tensor  # bool (B,): a box is erased
+    box: torch.Tensor  # long (B, 4) = (top, left, height, width)
+    value: torch.Tensor | None = None  # (B, 3, H, W) N(0, 1) in normalized units when the spec's value is "random"
+
+    def describe(self, index: int) -> str:
+        return "erased" if bool(self.erase[index]) else "not erased"
+
+
+# Policy ops without a magnitude (torchvision passes 0.0 to them).
+_NO_MAGNITUDE = frozenset({"Identity", "AutoContrast", "Equalize", "Invert"})
+
+
+@dataclass(frozen=True)
+class PolicyParams(OpParams):
+    op: torch.Tensor  # long (B, R): index into augment_ops.POLICY_OPS per round (Identity: skipped)
+    magnitude: torch.Tensor  # float32 (B, R): the signed magnitude torchvision would pass to the op
+
+    def describe(self, index: int) -> str:
+        words = []
+        for op, magnitude in zip(self.op[index].tolist(), self.magnitude[index].tolist(), strict=True):
+            name = POLICY_OPS[op]
+            if name != "Identity":
+                number = f"{magnitude:+.2f}" if name in SIGNED_OPS else f"{magnitude:g}"
+                words.append(name if name in _NO_MAGNITUDE else f"{name} {number}")
+        return "\n".join(words) or "identity"
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Everything one batch draws: ``apply`` bool (B,), the samples chosen by p_aug (the others stay
+    clean), and ``ops``, one parameter object per op of the stage, in the stage's order."""
+
+    apply: torch.Tensor
+    ops: tuple[OpParams, ...]
+
+    def __getitem__(self, op_type: type) -> OpParams:
+        """The parameters of the stage's op of type ``op_type`` (e.g. ``params[Affine]``)."""
+        for params in self.ops:
+            if params.__class__ is _PARAMS_OF[op_type]:
+                return params
+        raise KeyError(f"the stage has no {op_type.__name__} op")
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AugmentParams:
+        """The same parameters with ``fn`` applied to every tensor."""
+        return AugmentParams(fn(self.apply), tuple(params.map(fn) for params in self.ops))
+
+    def to(self, device) -> AugmentParams:
+        return self.map(lambda tensor: tensor.to(device))
+
+    def describe(self, index: int) -> str:
+        """Sample ``index`` in words, one line per op ("clean" when p_aug left it alone)."""
+        if not bool(self.apply[index]):
+            return "clean"
+        return "\n".join(text for params in self.ops if (text := params.describe(index))) or "clean"
+
+
+@dataclass(frozen=True)
+class ApplyContext:
+    """What the batched ops need besides their own parameters: the stage's channel statistics (erasing
+    acts in normalized units) and, when a flip is folded into the warp that follows it, the flip draw."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    folded_flip: torch.Tensor | None = None  # bool (B,)
+
+
+# --------------------------------------------------------------------------------------------
+# Op specs: frozen dataclasses, validated on construction, each with its three faces.
 # --------------------------------------------------------------------------------------------
 
 
@@ -42,6 +248,17 @@ def _check_interval(name: str, pair: tuple[float, float], lo: float, hi: float) 
     )
 
 
+def _non_finite_fields(op) -> list[str]:
+    """Names of the op's numeric fields (or numbers inside tuple fields) that are nan or infinite."""
+    bad = []
+    for field in dataclasses.fields(op):
+        value = getattr(op, field.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, (int, float)) and not math.isfinite(v) for v in numbers):
+            bad.append(f"{field.name}={value!r}")
+    return bad
+
+
 @dataclass(frozen=True)
 class HFlip:
     """Horizontal flip with probability ``p``."""
@@ -50,6 +267,15 @@ class HFlip:
 
     def __post_init__(self) -> None:
         config.require(0.0 <= self.p <= 1.0, f"HFlip.p must lie in [0, 1], got {self.p}")
+
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.RandomHorizontalFlip(self.p)
+
+    def sample(self, draws: Draws) -> FlipParams:
+        return FlipParams(draws.bernoulli(self.p))
+
+    def apply(self, x: torch.Tensor, params: FlipParams, context: ApplyContext) -> torch.Tensor:
+        return x if context.folded_flip is not None else hflip_batch(x, params.flip)
 
 
 @dataclass(frozen=True)
@@ -62,6 +288,15 @@ class Rotate:
     def __post_init__(self) -> None:
         config.require(0.0 <= self.degrees <= 180.0, f"Rotate.degrees must lie in [0, 180], got {self.degrees}")
         config.require(0.0 <= self.fill <= 1.0, f"Rotate.fill must lie in [0, 1], got {self.fill}")
+
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.RandomRotation(self.degrees, interpolation=BILINEAR, fill=self.fill)
+
+    def sample(self, draws: Draws) -> RotateParams:
+        return RotateParams(draws.uniform(-self.degrees, self.degrees))
+
+    def apply(self, x: torch.Tensor, params: RotateParams, context: ApplyContext) -> torch.Tensor:
+        return rotate_batch(x, params.angle, flip=context.folded_flip, fill=self.fill)
 
 
 @dataclass(frozen=True)
@@ -82,6 +317,23 @@ class Affine:
         _check_interval("Affine.scale", self.scale, 1e-3, 10.0)
         config.require(0.0 <= self.fill <= 1.0, f"Affine.fill must lie in [0, 1], got {self.fill}")
 
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.RandomAffine(self.degrees, self.translate, self.scale, interpolation=BILINEAR, fill=self.fill)
+
+    def sample(self, draws: Draws) -> AffineParams:
+        h, w = draws.size
+        angle = draws.uniform(-self.degrees, self.degrees)
+        # torchvision: tx = int(round(U(-t * W, t * W))), ty likewise with H (integer pixels).
+        translate = draws.uniform(-1.0, 1.0, 2)  # (B, 2)
+        translate[:, 0].mul_(self.translate[0] * w)
+        translate[:, 1].mul_(self.translate[1] * h)
+        scale = draws.uniform(self.scale[0], self.scale[1])
+        return AffineParams(angle, translate.round_(), scale)
+
+    def apply(self, x: torch.Tensor, params: AffineParams, context: ApplyContext) -> torch.Tensor:
+        return affine_batch(x, params.angle, params.translate, params.scale, flip=context.folded_flip,
+                            fill=self.fill)
+
 
 @dataclass(frozen=True)
 class ColorJitter:
@@ -94,6 +346,19 @@ class ColorJitter:
         for name in ("brightness", "contrast"):
             value = getattr(self, name)
             config.require(0.0 <= value <= 1.0, f"ColorJitter.{name} must lie in [0, 1], got {value}")
+
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.ColorJitter(brightness=self.brightness, contrast=self.contrast)
+
+    def sample(self, draws: Draws) -> JitterParams:
+        # torchvision applies its four adjustments in torch.randperm(4) order; with only brightness
+        # and contrast active, just their relative order matters, and in a uniform permutation either
+        # comes first with probability 1/2: one Bernoulli(0.5) per sample is the same distribution.
+        return JitterParams(draws.uniform(1.0 - self.brightness, 1.0 + self.brightness),
+                            draws.uniform(1.0 - self.contrast, 1.0 + self.contrast), draws.bernoulli(0.5))
+
+    def apply(self, x: torch.Tensor, params: JitterParams, context: ApplyContext) -> torch.Tensor:
+        return jitter_batch(x, params.brightness, params.contrast, params.contrast_first, inplace=True)
 
 
 @dataclass(frozen=True)
@@ -110,6 +375,15 @@ class GaussianBlur:
         )
         _check_interval("GaussianBlur.sigma", self.sigma, 1e-3, 100.0)
 
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.GaussianBlur(self.kernel, self.sigma)
+
+    def sample(self, draws: Draws) -> BlurParams:
+        return BlurParams(draws.uniform(self.sigma[0], self.sigma[1]))
+
+    def apply(self, x: torch.Tensor, params: BlurParams, context: ApplyContext) -> torch.Tensor:
+        return blur_batch(x, params.sigma, self.kernel)
+
 
 @dataclass(frozen=True)
 class GaussianNoise:
@@ -120,15 +394,35 @@ class GaussianNoise:
     def __post_init__(self) -> None:
         config.require(0.0 <= self.std <= 1.0, f"GaussianNoise.std must lie in [0, 1], got {self.std}")
 
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.GaussianNoise(mean=0.0, sigma=self.std, clip=True)
+
+    def sample(self, draws: Draws) -> NoiseParams:
+        return NoiseParams(draws.normals() * self.std)  # (B, 3, H, W)
+
+    def apply(self, x: torch.Tensor, params: NoiseParams, context: ApplyContext) -> torch.Tensor:
+        return noise_batch(x, params.noise, inplace=True)
+
 
 @dataclass(frozen=True)
 class Normalize:
-    """Marks where the per-channel normalization happens (the stage's mean and std)."""
+    """Where the per-sample path normalizes (the stage's mean and std). The batched path leaves the
+    normalization to the loader; ops after this marker act in normalized units."""
+
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.Normalize(list(mean), list(std))
+
+    def sample(self, draws: Draws) -> NormalizeParams:
+        return NormalizeParams()
+
+    def apply(self, x: torch.Tensor, params: NormalizeParams, context: ApplyContext) -> torch.Tensor:
+        return x
 
 
 @dataclass(frozen=True)
 class Erase:
-    """Random erasing after normalization: one box, ``value`` a constant or "random" N(0, 1) pixels."""
+    """Random erasing after normalization: one box, ``value`` a constant or "random" N(0, 1) pixels
+    (both in normalized units)."""
 
     p: float = 0.5
     scale: tuple[float, float] = (0.02, 0.15)
@@ -140,14 +434,57 @@ class Erase:
         _check_interval("Erase.scale", self.scale, 1e-6, 1.0)
         _check_interval("Erase.ratio", self.ratio, 1e-3, 1e3)
         config.require(
-            self.value == "random" or isinstance(self.value, (int, float)),
-            f"Erase.value must be a number or 'random', got {self.value!r}",
+            self.value == "random" or (isinstance(self.value, (int, float)) and math.isfinite(self.value)),
+            f"Erase.value must be a finite number or 'random', got {self.value!r}",
         )
+
+    def torchvision(self, mean, std) -> v2.Transform:
+        return v2.RandomErasing(self.p, self.scale, self.ratio, value=self.value)
+
+    def sample(self, draws: Draws, tries: int = 10) -> EraseParams:
+        """torchvision's RandomErasing (forward's p, then make_params), all samples and all 10 tries at once.
+
+        Per try: area ~ U(scale) * H * W, log-ratio ~ U(log r0, log r1), h = round(sqrt(area * r)),
+        w = round(sqrt(area / r)); the first try with h < H and w < W wins; the top-left corner is
+        uniform over the valid positions. No accepted try: nothing is erased.
+        """
+        h_img, w_img = draws.size
+        apply = draws.bernoulli(self.p)
+        area = draws.uniform(self.scale[0], self.scale[1], tries) * (h_img * w_img)  # (B, tries)
+        ratio = draws.uniform(math.log(self.ratio[0]), math.log(self.ratio[1]), tries).exp_()
+        bh = torch.sqrt(area * ratio).round_().long()
+        bw = torch.sqrt(area / ratio).round_().long()
+        ok = (bh < h_img) & (bw < w_img)  # (B, tries)
+        first = ok.int().argmax(dim=1, keepdim=True)  # index of the first accepted try (0 if none)
+        bh, bw = bh.gather(1, first).squeeze(1), bw.gather(1, first).squeeze(1)  # (B,)
+        # torch.randint(0, H - h + 1): floor(U * (H - h + 1)), clamped against U rounding up to 1.
+        u = draws.uniform(0.0, 1.0, 2)
+        top = torch.minimum((u[:, 0] * (h_img - bh + 1)).long(), h_img - bh)
+        left = torch.minimum((u[:, 1] * (w_img - bw + 1)).long(), w_img - bw)
+        value = draws.normals() if self.value == "random" else None  # (B, 3, H, W)
+        return EraseParams(apply & ok.any(dim=1), torch.stack([top, left, bh, bw], dim=1), value)
+
+    def apply(self, x: torch.Tensor, params: EraseParams, context: ApplyContext) -> torch.Tensor:
+        """Erase in [0, 1] units with v * std + mean, so that the loader's normalization gives v."""
+        mean = channel_constant(context.mean, x.device, x.dtype)
+        std = channel_constant(context.std, x.device, x.dtype)
+        if params.value is not None:
+            value = params.value * std + mean  # (B, 3, H, W)
+        else:
+            value = channel_constant(tuple(float(self.value) * s + m for m, s in zip(context.mean, context.std,
+                                                                                   strict=True)), x.device, x.dtype)
+        return erase_batch(x, params.box, params.erase, value, inplace=True)
 
 
 @dataclass(frozen=True)
 class LearnedPolicy:
-    """One of torchvision's learned policies with its defaults (AutoAugment uses the SVHN policy)."""
+    """One of torchvision's learned policies with its defaults (AutoAugment uses the SVHN policy).
+
+    Batched: each image draws its own op(s) and magnitude(s) from torchvision's distributions
+    (TrivialAugmentWide: one op, a random magnitude bin of 31; RandAugment: two ops at bin 9 of 31;
+    AutoAugment: one of 25 sub-policies, each step applied with its probability), signs +-1 with
+    probability 1/2 for signed ops; the ops reproduce torchvision's uint8 kernels.
+    """
 
     name: str
 
@@ -157,10 +494,49 @@ class LearnedPolicy:
             f"unknown learned policy {self.name!r}; choose one of {config.POLICY_STAGES}",
         )
 
+    def torchvision(self, mean, std) -> v2.Transform:
+        if self.name == "autoaugment_svhn":
+            return v2.AutoAugment(v2.AutoAugmentPolicy.SVHN)
+        if self.name == "randaugment":
+            return v2.RandAugment()
+        return v2.TrivialAugmentWide()
+
+    def sample(self, draws: Draws) -> PolicyParams:
+        tables = policy_tables(self.name, *draws.size, draws.gen.device)
+        if self.name == "autoaugment_svhn":
+            sub = draws.integers(len(SVHN_POLICY))  # (B,)
+            chosen = draws.uniform(0.0, 1.0, 2) <= tables["steps_p"][sub]  # (B, 2): torch.rand() <= p
+            op = torch.where(chosen, tables["steps_op"][sub], 0)  # skipped steps: Identity
+            magnitude = tables["magnitudes"][op, tables["steps_bin"][sub]]  # (B, 2)
+        elif self.name == "randaugment":
+            op = draws.integers(WIDE_OPS, 2)  # num_ops = 2
+            magnitude = tables["magnitudes"][op, 9]  # magnitude = 9, the same for every op
+        else:
+            op = draws.integers(WIDE_OPS, 1)
+            magnitude = tables["magnitudes"][op, draws.integers(tables["magnitudes"].shape[1], 1)]  # (B, 1)
+        negative = tables["signed"][op] & (draws.uniform(0.0, 1.0, op.shape[1]) <= 0.5)
+        return PolicyParams(op, torch.where(negative, -magnitude, magnitude))
+
+    def apply(self, x: torch.Tensor, params: PolicyParams, context: ApplyContext) -> torch.Tensor:
+        """The drawn ops in turn on uint8 values (x is float in [0, 1]; 1/255 steps when it came from uint8)."""
+        values = x.mul_(255.0).round_()
+        for step in range(params.op.shape[1]):
+            values = policy_op_batch(values, params.op[:, step], params.magnitude[:, step])
+        return values.mul_(1.0 / 255)
+
 
 OpSpec = (
     HFlip | Rotate | Affine | ColorJitter | GaussianBlur | GaussianNoise | Normalize | Erase | LearnedPolicy
 )
+# The parameter class each op samples (AugmentParams looks parameters up by op type).
+_PARAMS_OF = {HFlip: FlipParams, Rotate: RotateParams, Affine: AffineParams, ColorJitter: JitterParams,
+              GaussianBlur: BlurParams, GaussianNoise: NoiseParams, Normalize: NormalizeParams,
+              Erase: EraseParams, LearnedPolicy: PolicyParams}
+
+
+# --------------------------------------------------------------------------------------------
+# Stages: the built-in ones and the custom-stage registry.
+# --------------------------------------------------------------------------------------------
 
 # The original study's stages (FACTS.md): stage 2 trades the rotation for an affine, later ones add ops.
 _STAGE1 = (HFlip(0.5), Rotate(15.0))
@@ -191,6 +567,8 @@ STAGE_SPECS: dict[str, tuple[OpSpec, ...]] = {
     },
     **{name: (LearnedPolicy(name), Normalize()) for name in config.POLICY_STAGES},
 }
+# Stages added by register_stage in this process (name -> ops).
+_CUSTOM_STAGES: dict[str, tuple[OpSpec, ...]] = {}
 
 _TENSOR_ONLY = (GaussianNoise, Normalize, Erase)  # ops that need a float tensor, not a PIL image
 
@@ -199,12 +577,14 @@ def validate_ops(ops: tuple) -> None:
     """Raise ConfigError unless ``ops`` is a stage the engines can run.
 
     Exactly one Normalize; only Erase may follow it (the other ops assume [0, 1] images); each op
-    type at most once (their parameters share one dict); at most one of Rotate / Affine; a learned
-    policy stands alone before Normalize.
+    type at most once (their parameters are looked up by type); at most one of Rotate / Affine; a
+    learned policy stands alone before Normalize; every number finite.
     """
     config.require(isinstance(ops, tuple) and len(ops) > 0, f"a stage must be a non-empty op tuple, got {ops!r}")
     for op in ops:
-        config.require(isinstance(op, OpSpec), f"not an op spec: {op!r}")
+        config.require(isinstance(op, OpSpec), f"not an op spec: {op!r}; use the op classes of augmentations")
+        bad = _non_finite_fields(op)
+        config.require(not bad, f"{type(op).__name__} has non-finite values ({', '.join(bad)}); use finite numbers")
     types = [type(op) for op in ops]
     config.require(len(set(types)) == len(types), f"each op type may appear once in a stage, got {types}")
     config.require(not (Rotate in types and Affine in types), "a stage holds Rotate or Affine, not both")
@@ -216,29 +596,47 @@ def validate_ops(ops: tuple) -> None:
 
 
 def stage_ops(stage: str | tuple) -> tuple[OpSpec, ...]:
-    """The validated op tuple of a stage name in ``config.ALL_STAGES`` (or a custom op tuple)."""
+    """The validated op tuple of a built-in or registered stage name (or of a custom op tuple)."""
     if isinstance(stage, tuple):
         ops = stage
     else:
-        config.require(stage in STAGE_SPECS, f"unknown stage {stage!r}; choose one of {tuple(STAGE_SPECS)}")
-        ops = STAGE_SPECS[stage]
+        ops = STAGE_SPECS.get(stage) or _CUSTOM_STAGES.get(stage)
+        config.require(ops is not None, f"unknown stage {stage!r}; choose one of the built-in stages "
+                       f"{tuple(STAGE_SPECS)} or a stage registered with augmentations.register_stage "
+                       f"(registered: {tuple(_CUSTOM_STAGES)})")
     validate_ops(ops)
     return ops
 
 
-def register_stage(name: str, ops: tuple) -> tuple[OpSpec, ...]:
-    """Add a custom stage under ``name``: both paths and ``TrainConfig(stage=name)`` accept it.
+def register_stage(name: str, ops) -> tuple[OpSpec, ...]:
+    """Add (or redefine) a custom stage under ``name``: both paths and ``TrainConfig(stage=name)`` accept it.
 
-    ``ops`` is validated like the built-in stages (a Normalize is appended when missing). The
-    registration lives in this process only: worker processes must import the module that
-    registers it.
+    ``ops`` (a non-empty tuple or list of op specs with finite values) is validated like the built-in
+    stages (a Normalize is appended when missing). The registration lives in this process only: worker
+    processes must import the module that registers it. Returns the stored op tuple.
     """
-    config.require(name not in config.ALL_STAGES, f"{name!r} is a built-in stage; choose another name")
+    config.require(isinstance(name, str) and name.strip() != "",
+                   f"a stage name must be a non-empty string, got {name!r}; pass e.g. 'my_stage'")
+    config.require(name not in STAGE_SPECS, f"{name!r} is a built-in stage; choose another name")
+    config.require(isinstance(ops, (tuple, list)) and len(ops) > 0,
+                   f"stage {name!r} needs a non-empty tuple of op specs, e.g. (HFlip(0.5), Rotate(10.0)); "
+                   f"got {ops!r}")
     ops = _with_normalize(tuple(ops))
     validate_ops(ops)
-    STAGE_SPECS[name] = ops
-    config.CUSTOM_STAGES.add(name)
+    _CUSTOM_STAGES[name] = ops
     return ops
+
+
+def registered_stages() -> tuple[str, ...]:
+    """Names of the custom stages registered in this process."""
+    return tuple(_CUSTOM_STAGES)
+
+
+def stage_fingerprint(stage: str | tuple) -> str:
+    """A short stable hash of the stage's op specs (types and values): redefining a custom stage or
+    editing a spec changes it, so a run's identity can include it."""
+    specs = [[type(op).__name__, dataclasses.asdict(op)] for op in stage_ops(stage)]
+    return hashlib.sha1(json.dumps(specs, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _check_p_aug(p_aug: float) -> float:
@@ -251,37 +649,7 @@ def _check_p_aug(p_aug: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _policy_transform(name: str) -> v2.Transform:
-    if name == "autoaugment_svhn":
-        return v2.AutoAugment(v2.AutoAugmentPolicy.SVHN)
-    if name == "randaugment":
-        return v2.RandAugment()
-    return v2.TrivialAugmentWide()
-
-
-def _torchvision_op(op: OpSpec, mean, std) -> v2.Transform:
-    """The torchvision v2 transform of one op spec."""
-    bilinear = v2.InterpolationMode.BILINEAR
-    if isinstance(op, HFlip):
-        return v2.RandomHorizontalFlip(op.p)
-    if isinstance(op, Rotate):
-        return v2.RandomRotation(op.degrees, interpolation=bilinear, fill=op.fill)
-    if isinstance(op, Affine):
-        return v2.RandomAffine(op.degrees, op.translate, op.scale, interpolation=bilinear, fill=op.fill)
-    if isinstance(op, ColorJitter):
-        return v2.ColorJitter(brightness=op.brightness, contrast=op.contrast)
-    if isinstance(op, GaussianBlur):
-        return v2.GaussianBlur(op.kernel, op.sigma)
-    if isinstance(op, GaussianNoise):
-        return v2.GaussianNoise(mean=0.0, sigma=op.std, clip=True)
-    if isinstance(op, Normalize):
-        return v2.Normalize(list(mean), list(std))
-    if isinstance(op, Erase):
-        return v2.RandomErasing(op.p, op.scale, op.ratio, value=op.value)
-    return _policy_transform(op.name)
-
-
-def build_stage_transform(stage: str, mean=config.SVHN_MEAN, std=config.SVHN_STD) -> v2.Compose:
+def build_stage_transform(stage: str | tuple, mean=config.SVHN_MEAN, std=config.SVHN_STD) -> v2.Compose:
     """Per-sample transform of any stage: PIL image (or uint8 tensor) -> normalized float (3, H, W).
 
     PIL-capable ops run on the PIL image; the conversion to a float tensor in [0, 1] comes right
@@ -293,7 +661,7 @@ def build_stage_transform(stage: str, mean=config.SVHN_MEAN, std=config.SVHN_STD
         if isinstance(op, _TENSOR_ONLY) and not converted:
             steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
             converted = True
-        steps.append(_torchvision_op(op, mean, std))
+        steps.append(op.torchvision(mean, std))
     steps.append(v2.ToPureTensor())  # plain tensors collate everywhere
     return v2.Compose(steps)
 
@@ -349,305 +717,8 @@ class ProbTransform:
 
 
 # --------------------------------------------------------------------------------------------
-# Batched functional ops: float images (B, C, H, W) in [0, 1], per-sample parameters (B,).
+# The batched engine.
 # --------------------------------------------------------------------------------------------
-
-
-def to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [0, 1] exactly as torchvision's ToDtype(scale=True); float -> float32."""
-    if images.dtype == torch.uint8:
-        return images.to(torch.float32).mul_(1.0 / 255)
-    if not images.is_floating_point():
-        raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
-    return images.to(torch.float32)
-
-
-def normalize_batch(x: torch.Tensor, mean, std, *, inplace: bool = False) -> torch.Tensor:
-    """(x - mean) / std per channel, the same arithmetic as torchvision's normalize."""
-    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x.sub_(mean_t) if inplace else x.sub(mean_t)).div_(std_t)
-
-
-def _fill_mask(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear weight that an all-ones image gets at each sampling point: (B, H, W, 2) -> (B, 1, H, W).
-
-    torchvision's fill blend resamples a channel of ones with zero padding; per axis that is 1 inside
-    the pixel centres [0, size-1] and falls linearly to 0 one pixel outside. With align_corners=False
-    the pixel coordinate is ((g + 1) * size - 1) / 2, so min(pix + 1, size - pix) = size/2 (1 - |g|) + 1/2.
-    """
-    half = torch.tensor([-width / 2, -height / 2], dtype=grid.dtype, device=grid.device)
-    coverage = grid.abs().mul_(half).add_(half.neg() + 0.5).clamp_(0.0, 1.0)  # (B, H, W, 2)
-    return (coverage[..., 0] * coverage[..., 1]).unsqueeze(1)
-
-
-def _inverse_affine_matrix(angle, translate, scale, flip) -> torch.Tensor:
-    """torchvision's _get_inverse_affine_matrix (centre 0, no shear) per sample: (B, 2, 3), float32.
-
-    Maps output to input pixels in centred coordinates:
-    [cos, sin, -(cos tx + sin ty); -sin, cos, sin tx - cos ty] / scale. A flip before the warp
-    negates the input's x coordinate, i.e. the first row.
-    """
-    rad = torch.deg2rad(angle.float())  # (B,)
-    inv_scale = 1.0 / scale.float() if scale is not None else torch.ones_like(rad)
-    cos, sin = torch.cos(rad) * inv_scale, torch.sin(rad) * inv_scale
-    tx, ty = translate.float().unbind(1) if translate is not None else (torch.zeros_like(rad),) * 2
-    row0 = torch.stack([cos, sin, -(cos * tx + sin * ty)], dim=1)  # (B, 3)
-    row1 = torch.stack([-sin, cos, sin * tx - cos * ty], dim=1)
-    if flip is not None:
-        row0 = torch.where(flip.view(-1, 1), -row0, row0)
-    return torch.stack([row0, row1], dim=1)
-
-
-def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """torchvision's _affine_grid for a batch of matrices: (B, 2, 3) -> sampling grid (B, H, W, 2).
-
-    Centred pixel coordinates of the output times theta^T, divided by half the size: the same grid
-    ``F.affine_grid`` gives for the matrix in normalized units, computed as torchvision does.
-    """
-    opts = {"dtype": theta.dtype, "device": theta.device}
-    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, **opts)
-    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, **opts)
-    ones = torch.ones(height, width, **opts)
-    base = torch.stack([xs.expand(height, width), ys.view(-1, 1).expand(height, width), ones], dim=-1)
-    base = base.view(1, height * width, 3)  # (1, H*W, 3): centred x, y, 1
-    rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], **opts)  # (B, 3, 2)
-    return torch.matmul(base, rescaled).view(-1, height, width, 2)
-
-
-def affine_batch(
-    x: torch.Tensor,
-    angle: torch.Tensor,
-    translate: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    *,
-    flip: torch.Tensor | None = None,
-    fill: float = 0.0,
-) -> torch.Tensor:
-    """Per-sample ``v2.functional.affine`` (bilinear, about the centre, no shear) on (B, C, H, W).
-
-    angle (B,) degrees clockwise as in torchvision's affine; translate (B, 2) pixels (tx, ty);
-    scale (B,). ``flip`` (B,) bool mirrors those inputs first (a flip folded into the same warp).
-    ``fill`` follows torchvision's blend ``(sample - fill) * mask + fill`` with the resampled
-    coverage mask (for fill=0 this is sample * mask).
-    """
-    h, w = x.shape[-2:]
-    theta = _inverse_affine_matrix(angle, translate, scale, flip).to(x.dtype)  # (B, 2, 3)
-    grid = _affine_grid(theta, h, w)  # (B, H, W, 2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    mask = _fill_mask(grid, h, w)  # (B, 1, H, W)
-    if fill == 0.0:
-        return out.mul_(mask)
-    return out.sub_(fill).mul_(mask).add_(fill)
-
-
-def rotate_batch(
-    x: torch.Tensor, angle: torch.Tensor, *, flip: torch.Tensor | None = None, fill: float = 0.0
-) -> torch.Tensor:
-    """Per-sample ``v2.functional.rotate`` (bilinear, about the centre); angle (B,) degrees, anticlockwise."""
-    return affine_batch(x, -angle, flip=flip, fill=fill)  # torchvision's rotate passes -angle to the matrix
-
-
-def hflip_batch(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """Mirror the samples where ``flip`` (B,) is True."""
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
-def _grayscale_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of torchvision's rgb_to_grayscale per image: (B, C, H, W) -> (B, 1, 1, 1)."""
-    r, g, b = x.unbind(dim=1)
-    gray = r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)  # (B, H, W)
-    return gray.mean(dim=(1, 2)).view(-1, 1, 1, 1)
-
-
-def jitter_batch(
-    x: torch.Tensor,
-    brightness: torch.Tensor,
-    contrast: torch.Tensor,
-    contrast_first: torch.Tensor,
-    *,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """Per-sample brightness and contrast adjustment, each clamped to [0, 1], in a per-sample order.
-
-    brightness: x * f; contrast: f * x + (1 - f) * mean(grayscale(x)) (torchvision's _blend).
-    Each is ``x * s + t`` clamped, so each of the two passes picks s, t per sample.
-    """
-    first_c = contrast_first.view(-1, 1, 1, 1)
-    fb = brightness.view(-1, 1, 1, 1).to(x.dtype)
-    fc = contrast.view(-1, 1, 1, 1).to(x.dtype)
-    zero = torch.zeros_like(fb)
-    # First pass: contrast where contrast_first, else brightness.
-    shift = torch.where(first_c, (1.0 - fc) * _grayscale_mean(x), zero)
-    factor = torch.where(first_c, fc, fb)
-    x = (x.mul_(factor) if inplace else x.mul(factor)).add_(shift).clamp_(0.0, 1.0)
-    # Second pass: the other one (contrast uses the mean of the image as it is now).
-    shift = torch.where(first_c, zero, (1.0 - fc) * _grayscale_mean(x))
-    return x.mul_(torch.where(first_c, fb, fc)).add_(shift).clamp_(0.0, 1.0)
-
-
-def gaussian_kernel1d(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """torchvision's 1-D Gaussian kernel per sample: sigma (B,) -> (B, kernel_size)."""
-    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
-    pos = torch.linspace(-lim, lim, steps=kernel_size, dtype=torch.float32, device=sigma.device)  # (K,)
-    return torch.softmax(-(pos / sigma.float().view(-1, 1)).pow(2), dim=1)
-
-
-def blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Per-sample ``v2.functional.gaussian_blur`` (same sigma on both axes, reflect padding).
-
-    As torchvision: the 2-D kernel is the outer product of the 1-D one; one grouped convolution
-    with a kernel per image channel (B*C groups) blurs the whole batch.
-    """
-    b, c, h, w = x.shape
-    k1 = gaussian_kernel1d(sigma, kernel_size).to(x.dtype)  # (B, K)
-    k2 = (k1.unsqueeze(2) * k1.unsqueeze(1)).repeat_interleave(c, dim=0)  # (B*C, K, K): rows y, columns x
-    half = kernel_size // 2
-    flat = F.pad(x.reshape(1, b * c, h, w), (half, half, half, half), mode="reflect")  # (1, B*C, H+2r, W+2r)
-    return F.conv2d(flat, k2.unsqueeze(1), groups=b * c).view(b, c, h, w)
-
-
-def box_mask(boxes: torch.Tensor, active: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Boolean (B, 1, H, W) mask of boxes (B, 4) = (top, left, box height, box width) where ``active``."""
-    top, left, bh, bw = (boxes[:, k].view(-1, 1, 1) for k in range(4))
-    rows = torch.arange(height, device=boxes.device).view(1, -1, 1)
-    cols = torch.arange(width, device=boxes.device).view(1, 1, -1)
-    in_rows = (rows >= top) & (rows < top + bh) & active.view(-1, 1, 1)  # (B, H, 1)
-    in_cols = (cols >= left) & (cols < left + bw)  # (B, 1, W)
-    return (in_rows & in_cols).unsqueeze(1)
-
-
-def noise_batch(x: torch.Tensor, noise: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """Additive noise (B, C, H, W) clamped to [0, 1], as ``v2.functional.gaussian_noise`` with clip."""
-    return (x.add_(noise) if inplace else x.add(noise)).clamp_(0.0, 1.0)
-
-
-def erase_batch(
-    x: torch.Tensor, boxes: torch.Tensor, active: torch.Tensor, value, *, inplace: bool = False
-) -> torch.Tensor:
-    """``v2.functional.erase`` per sample: each active box takes ``value`` (a number or (B, C, H, W))."""
-    mask = box_mask(boxes, active, x.shape[-2], x.shape[-1])
-    value = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-    return torch.where(mask, value, x, out=x if inplace else None)
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter sampling: torchvision's distributions, one vectorized draw per parameter.
-# --------------------------------------------------------------------------------------------
-
-
-class _Draws:
-    """The random draws of one batch: ``n`` samples of ``size`` (H, W), all from ``gen``, on its device."""
-
-    def __init__(self, n: int, size: tuple[int, int], gen: torch.Generator):
-        self.n, self.size, self.gen = n, size, gen
-        self._normals: torch.Tensor | None = None
-
-    def uniform(self, lo: float, hi: float, *shape: int) -> torch.Tensor:
-        """U(lo, hi) of shape (n, *shape)."""
-        u = torch.rand((self.n, *shape), generator=self.gen, device=self.gen.device)
-        return u.mul_(hi - lo).add_(lo)
-
-    def bernoulli(self, p: float) -> torch.Tensor:
-        """Bool (n,), True with probability p."""
-        return torch.rand(self.n, generator=self.gen, device=self.gen.device) < p
-
-    def normals(self) -> torch.Tensor:
-        """N(0, 1) per pixel (n, 3, H, W), drawn once per batch and shared by noise and random erasing.
-
-        Erasing overwrites the noise inside its box, so the box's values and the noise left visible
-        come from disjoint pixels: independent, as with torchvision's two separate draws, at half the
-        cost of the largest draw.
-        """
-        if self._normals is None:
-            self._normals = torch.randn((self.n, 3, *self.size), generator=self.gen, device=self.gen.device)
-        return self._normals
-
-
-def _sample_flip(op: HFlip, draws: _Draws) -> dict:
-    return {"flip": draws.bernoulli(op.p)}
-
-
-def _sample_rotate(op: Rotate, draws: _Draws) -> dict:
-    return {"angle": draws.uniform(-op.degrees, op.degrees)}
-
-
-def _sample_affine(op: Affine, draws: _Draws) -> dict:
-    h, w = draws.size
-    angle = draws.uniform(-op.degrees, op.degrees)
-    # torchvision: tx = int(round(U(-t * W, t * W))), ty likewise with H (integer pixels).
-    max_shift = torch.tensor([op.translate[0] * w, op.translate[1] * h], device=draws.gen.device)
-    translate = draws.uniform(-1.0, 1.0, 2).mul_(max_shift).round_()  # (B, 2)
-    scale = draws.uniform(op.scale[0], op.scale[1])
-    return {"angle": angle, "translate": translate, "scale": scale}
-
-
-def _sample_jitter(op: ColorJitter, draws: _Draws) -> dict:
-    # torchvision applies its four adjustments in torch.randperm(4) order; with only brightness
-    # and contrast active, just their relative order matters, and in a uniform permutation either
-    # comes first with probability 1/2: one Bernoulli(0.5) per sample is the same distribution.
-    return {
-        "brightness": draws.uniform(1.0 - op.brightness, 1.0 + op.brightness),
-        "contrast": draws.uniform(1.0 - op.contrast, 1.0 + op.contrast),
-        "contrast_first": draws.bernoulli(0.5),
-    }
-
-
-def _sample_blur(op: GaussianBlur, draws: _Draws) -> dict:
-    return {"sigma": draws.uniform(op.sigma[0], op.sigma[1])}
-
-
-def _sample_noise(op: GaussianNoise, draws: _Draws) -> dict:
-    return {"noise": draws.normals() * op.std}  # (B, 3, H, W)
-
-
-def _sample_erase(op: Erase, draws: _Draws, tries: int = 10) -> dict:
-    """torchvision's RandomErasing (forward's p, then make_params), all samples and all 10 tries at once.
-
-    Per try: area ~ U(scale) * H * W, log-ratio ~ U(log r0, log r1), h = round(sqrt(area * r)),
-    w = round(sqrt(area / r)); the first try with h < H and w < W wins; the top-left corner is
-    uniform over the valid positions. No accepted try: nothing is erased.
-    """
-    h_img, w_img = draws.size
-    apply = draws.bernoulli(op.p)
-    area = draws.uniform(op.scale[0], op.scale[1], tries) * (h_img * w_img)  # (B, tries)
-    ratio = draws.uniform(math.log(op.ratio[0]), math.log(op.ratio[1]), tries).exp_()
-    bh = torch.sqrt(area * ratio).round_().long()
-    bw = torch.sqrt(area / ratio).round_().long()
-    ok = (bh < h_img) & (bw < w_img)  # (B, tries)
-    first = ok.int().argmax(dim=1, keepdim=True)  # index of the first accepted try (0 if none)
-    bh, bw = bh.gather(1, first).squeeze(1), bw.gather(1, first).squeeze(1)  # (B,)
-    # torch.randint(0, H - h + 1): floor(U * (H - h + 1)), clamped against U rounding up to 1.
-    u = draws.uniform(0.0, 1.0, 2)
-    top = torch.minimum((u[:, 0] * (h_img - bh + 1)).long(), h_img - bh)
-    left = torch.minimum((u[:, 1] * (w_img - bw + 1)).long(), w_img - bw)
-    params = {"erase": apply & ok.any(dim=1), "erase_box": torch.stack([top, left, bh, bw], dim=1)}
-    if op.value == "random":
-        params["erase_value"] = draws.normals()  # (B, 3, H, W)
-    return params
-
-
-def _sample_policy(op: LearnedPolicy, draws: _Draws) -> dict:
-    # One seed per sample for torch's CPU RNG, which torchvision's policies draw from.
-    return {"policy_seed": torch.randint(0, 2**62, (draws.n,), generator=draws.gen, device=draws.gen.device)}
-
-
-def _sample_nothing(op: Normalize, draws: _Draws) -> dict:
-    return {}
-
-
-_SAMPLERS = {
-    HFlip: _sample_flip,
-    Rotate: _sample_rotate,
-    Affine: _sample_affine,
-    ColorJitter: _sample_jitter,
-    GaussianBlur: _sample_blur,
-    GaussianNoise: _sample_noise,
-    Normalize: _sample_nothing,
-    Erase: _sample_erase,
-    LearnedPolicy: _sample_policy,
-}
-
 
 # Samples per pass of the ops on the CPU: a chunk's working tensors stay in cache (a 1024 batch runs
 # about 30% faster in chunks of 256 than whole on a 2-core machine).
@@ -660,163 +731,92 @@ def fresh_generator(device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-# --------------------------------------------------------------------------------------------
-# The batched engine.
-# --------------------------------------------------------------------------------------------
-
-
 class BatchAugment:
-    """Augment a whole batch with per-sample random parameters; returns the normalized batch.
+    """Augment a whole batch with per-sample random parameters; returns float32 (B, 3, H, W) in [0, 1]
+    units, not normalized (the loader normalizes every batch with ``normalize_batch``, same ``mean``,
+    ``std``: erasing needs them to act in normalized units).
 
     ``sample_params`` draws every random quantity in vectorized calls from one generator, with
-    torchvision's distributions; ``apply`` is deterministic given those parameters, so a batch can
-    be replayed (for a figure) from the dict. Keys (B = batch size): "apply" bool (B,), the samples
-    augmented (Bernoulli(p_aug); the others are only normalized); then per op: "flip" bool (B,);
-    "angle" (B,) degrees (RandomRotation's or RandomAffine's convention); "translate" (B, 2)
-    integer pixels (tx, ty); "scale" (B,); "brightness", "contrast" (B,) factors and
-    "contrast_first" bool (B,); "sigma" (B,); "noise" (B, 3, H, W), N(0, std); "erase" bool (B,),
-    "erase_box" long (B, 4) = (top, left, height, width) and "erase_value" (B, 3, H, W), N(0, 1)
-    (the noise's draw before scaling, see ``_Draws.normals``); "policy_seed" int64 (B,).
+    torchvision's distributions (an ``AugmentParams``); ``apply`` is deterministic given them, so a
+    batch can be replayed (for a figure). Samples not chosen by p_aug stay clean.
 
-    On the CPU only the chosen samples are computed, in chunks; on an accelerator every sample is
-    computed and a mask picks (no host-device sync). Learned policies (``per_sample`` True) loop over
-    the chosen samples through torchvision's policy on uint8 tensors, each under its own seed of
-    torch's CPU RNG (forked: the global state is untouched), so their dict replays too, per sample.
+    Two ways to apply: the accelerator path augments every sample and picks with the mask (no host
+    sync; constants cached per device), the CPU path augments only the chosen samples, in chunks.
+    ``accelerator_path`` None picks by the images' device; True forces it (tests run it on the CPU).
+    ``compile`` compiles the accelerator path's apply with torch.compile (sampling stays eager) and
+    implies that path. Every stage, the learned policies included, runs batched: ``per_sample`` is False.
     """
 
+    per_sample = False
+
     def __init__(self, stage: str | tuple = "none", p_aug: float = 1.0, mean=config.SVHN_MEAN,
-                 std=config.SVHN_STD):
+                 std=config.SVHN_STD, *, accelerator_path: bool | None = None, compile: bool = False):
         self.ops = stage_ops(stage)
         self.stage = stage
         self.p_aug = _check_p_aug(p_aug)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.per_sample = isinstance(self.ops[0], LearnedPolicy)
-        self._policy = _policy_transform(self.ops[0].name) if self.per_sample else None
+        self.accelerator_path = True if compile else accelerator_path
         types = [type(op) for op in self.ops]
         # A flip directly before the warp is folded into the warp's matrix (one resampling pass).
         self._fold_flip = HFlip in types and types.index(HFlip) + 1 < len(types) and (
             types[types.index(HFlip) + 1] in (Rotate, Affine)
         )
+        self._augment_all = torch.compile(self._augment_masked, dynamic=False) if compile else self._augment_masked
 
     def __repr__(self) -> str:
-        return f"BatchAugment(stage={self.stage!r}, p_aug={self.p_aug}, per_sample={self.per_sample})"
+        return f"BatchAugment(stage={self.stage!r}, p_aug={self.p_aug})"
 
     def sample_params(self, batch_size: int, generator: torch.Generator | None = None, device=None,
-                      image_size: tuple[int, int] = config.IMAGE_SHAPE[1:]) -> dict[str, torch.Tensor]:
+                      image_size: tuple[int, int] = config.IMAGE_SHAPE[1:]) -> AugmentParams:
         """Per-sample parameters for a batch, drawn on the generator's device, returned on ``device``.
 
         ``generator`` None: a fresh one seeded from torch's default RNG (see ``fresh_generator``).
         """
         gen = generator if generator is not None else fresh_generator(device or "cpu")
-        draws = _Draws(batch_size, tuple(image_size), gen)
-        params = {"apply": draws.bernoulli(self.p_aug)}
-        for op in self.ops:
-            params.update(_SAMPLERS[type(op)](op, draws))
+        draws = Draws(batch_size, tuple(image_size), gen)
+        params = AugmentParams(draws.bernoulli(self.p_aug), tuple(op.sample(draws) for op in self.ops))
         target = torch.device(device) if device is not None else gen.device
-        return {key: value.to(target) for key, value in params.items()}
+        return params if target == gen.device else params.to(target)
 
-    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Augment the samples chosen by params["apply"], normalize all: float32 (B, 3, H, W)."""
+    def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Augment the samples chosen by params.apply: float32 (B, 3, H, W) in [0, 1] units."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         x = to_unit_float(images)  # (B, 3, H, W) in [0, 1]
         if x is images:
             x = x.clone()  # the ops work in place on the engine's own copy
-        if self.per_sample or x.device.type == "cpu":
-            return self._apply_chosen(images, x, params)
-        return self._apply_masked(images, x, params)
+        accelerator = self.accelerator_path if self.accelerator_path is not None else x.device.type != "cpu"
+        if accelerator:
+            return self._augment_all(x, params)
+        return self._apply_chosen(x, params)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """sample_params + apply; ``generator`` None draws a fresh one from torch's default RNG."""
         params = self.sample_params(images.shape[0], generator, images.device, tuple(images.shape[-2:]))
         return self.apply(images, params)
 
-    def _apply_masked(self, images: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """Augment every sample, then pick with the mask: no host-device sync (used on accelerators)."""
-        clean = normalize_batch(x, self.mean, self.std)
-        return torch.where(params["apply"].view(-1, 1, 1, 1), self._augment(images, x, params), clean)
+    def _augment_masked(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Augment every sample, then pick with the mask: no host-device sync (the accelerator path)."""
+        return torch.where(params.apply.view(-1, 1, 1, 1), self._augment(x.clone(), params), x)
 
-    def _apply_chosen(self, images: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """Augment only the chosen samples, _CPU_CHUNK at a time (indexing them syncs with the device:
-        used on the CPU and for the learned policies, where skipping the clean samples' work pays)."""
-        chosen = params["apply"].nonzero().flatten()  # (n,)
+    def _apply_chosen(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Augment only the chosen samples, _CPU_CHUNK at a time (indexing them syncs with the device, so
+        the CPU only: skipping the clean samples' work pays there)."""
+        chosen = params.apply.nonzero().flatten()  # (n,)
         everyone = chosen.numel() == x.shape[0]  # then slices: views instead of gathered copies
-        out = torch.empty_like(x) if everyone else normalize_batch(x, self.mean, self.std)
         for start in range(0, chosen.numel(), _CPU_CHUNK):
             index = slice(start, start + _CPU_CHUNK) if everyone else chosen[start:start + _CPU_CHUNK]
-            subset = {key: value[index] for key, value in params.items()}
-            out[index] = self._augment(images[index], x[index], subset)
-        return out
-
-    def _augment(self, images: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """Every op on every sample given: float (B, 3, H, W) in [0, 1], overwritten -> normalized."""
-        if self.per_sample:
-            return normalize_batch(self._policy_batch(images, params), self.mean, self.std)
-        for op in self.ops:
-            x = _APPLIERS[type(op)](self, op, x, params)
+            x[index] = self._augment(x[index], params.map(lambda tensor, index=index: tensor[index]))
         return x
 
-    def _policy_batch(self, images: torch.Tensor, params: dict) -> torch.Tensor:
-        """The learned policy on each uint8 sample under its own seed: float (B, 3, H, W) in [0, 1]."""
-        if images.dtype != torch.uint8:
-            images = quantize(images)
-        seeds = params["policy_seed"].tolist()
-        out = torch.empty_like(images)
-        for index, seed in enumerate(seeds):
-            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global CPU RNG
-                torch.default_generator.manual_seed(seed)
-                out[index] = self._policy(images[index])
-        return to_unit_float(out)
-
-
-# How BatchAugment applies each op: (engine, op, x (B, 3, H, W), params) -> x. Ops that can work in
-# place do: x is the engine's own working copy.
-def _apply_flip(aug: BatchAugment, op: HFlip, x, params):
-    return x if aug._fold_flip else hflip_batch(x, params["flip"])
-
-
-def _apply_rotate(aug: BatchAugment, op: Rotate, x, params):
-    flip = params["flip"] if aug._fold_flip else None
-    return rotate_batch(x, params["angle"], flip=flip, fill=op.fill)
-
-
-def _apply_affine(aug: BatchAugment, op: Affine, x, params):
-    flip = params["flip"] if aug._fold_flip else None
-    return affine_batch(x, params["angle"], params["translate"], params["scale"], flip=flip, fill=op.fill)
-
-
-def _apply_jitter(aug: BatchAugment, op: ColorJitter, x, params):
-    return jitter_batch(x, params["brightness"], params["contrast"], params["contrast_first"], inplace=True)
-
-
-def _apply_blur(aug: BatchAugment, op: GaussianBlur, x, params):
-    return blur_batch(x, params["sigma"], op.kernel)
-
-
-def _apply_noise(aug: BatchAugment, op: GaussianNoise, x, params):
-    return noise_batch(x, params["noise"], inplace=True)
-
-
-def _apply_normalize(aug: BatchAugment, op: Normalize, x, params):
-    return normalize_batch(x, aug.mean, aug.std, inplace=True)
-
-
-def _apply_erase(aug: BatchAugment, op: Erase, x, params):
-    value = params["erase_value"] if op.value == "random" else float(op.value)
-    return erase_batch(x, params["erase_box"], params["erase"], value, inplace=True)
-
-
-_APPLIERS = {
-    HFlip: _apply_flip,
-    Rotate: _apply_rotate,
-    Affine: _apply_affine,
-    ColorJitter: _apply_jitter,
-    GaussianBlur: _apply_blur,
-    GaussianNoise: _apply_noise,
-    Normalize: _apply_normalize,
-    Erase: _apply_erase,
-}
+    def _augment(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Every op on every sample given: float (B, 3, H, W) in [0, 1], overwritten."""
+        flip = params[HFlip].flip if self._fold_flip else None
+        context = ApplyContext(self.mean, self.std, flip)
+        for op, op_params in zip(self.ops, params.ops, strict=True):
+            x = op.apply(x, op_params, context)
+        return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -882,11 +882,6 @@ _CORRUPTORS = {
     "noise": _corrupt_noise,
     "occlusion": _corrupt_occlusion,
 }
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Float in [0, 1] -> uint8 (round, clamp)."""
-    return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0) -> torch.Tensor:

@@ -35,6 +35,7 @@ from torchvision.datasets.utils import download_url
 
 import config
 from atomic_io import atomic_torch_save
+from augment_ops import normalize_batch, to_unit_float
 from synthetic_svhn import SPLIT_FILES as SYNTHETIC_FILES
 from synthetic_svhn import ensure_synthetic_svhn, make_synthetic_svhn
 
@@ -497,10 +498,12 @@ def _derived_seed(seed: int, stream: int) -> int:
 class DeviceLoader:
     """Batches from a split held on ``device`` as uint8; yields (x float32 (B, 3, H, W), y int64 (B,)).
 
-    Each epoch draws one permutation from ``self.generator``; ``augment(batch_uint8,
-    generator=self.aug_generator)`` must return the normalized float batch, otherwise the
-    batch is normalized as ((x / 255) - mean) / std. ``state_dict`` taken between epochs
-    lets a resumed run reproduce the following epochs exactly.
+    Each epoch draws one permutation from ``self.generator``; each batch is
+    ``augment(batch_uint8, generator=self.aug_generator)`` (float in [0, 1] units, e.g. a
+    ``BatchAugment`` with the same mean and std; a new tensor, normalized in place) or, without
+    augmentation, x / 255; then always ``normalize_batch`` with ``mean``, ``std``: the loader is
+    the one place where batches are normalized.
+    ``state_dict`` taken between epochs lets a resumed run reproduce the following epochs exactly.
     """
 
     def __init__(
@@ -528,8 +531,8 @@ class DeviceLoader:
         self.images = images.to(self.device).contiguous()  # (N, C, H, W) uint8
         self.labels = torch.as_tensor(labels).to(self.device, torch.int64)
         self.batch_size = batch_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
         self.shuffle = shuffle
         self.augment = augment
         self.drop_last = drop_last
@@ -545,10 +548,6 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32 ((x / 255) - mean) / std."""
-        return (images.float() / 255 - self.mean) / self.std
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Drawn here, not lazily, so the generator state right after iter() is well defined.
         if self.shuffle:
@@ -561,11 +560,8 @@ class DeviceLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx]  # (B, C, H, W) uint8
-            if self.augment is None:
-                x = self.normalize(x)
-            else:
-                x = self.augment(x, generator=self.aug_generator)
-            yield x.contiguous(), self.labels[idx]
+            x = to_unit_float(x) if self.augment is None else self.augment(x, generator=self.aug_generator)
+            yield normalize_batch(x, self.mean, self.std, inplace=True).contiguous(), self.labels[idx]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state(), "aug_generator": self.aug_generator.get_state()}

@@ -651,36 +651,10 @@ def plot_param_importances(importances: Mapping[str, float], n_trials: int, data
     return fig
 
 
-def replay_text(params: Mapping[str, torch.Tensor], index: int) -> str:
-    """Short text of one sample's replayed augmentation parameters (BatchAugment.sample_params keys).
-
-    "clean" when the sample was not drawn for augmentation (p_aug); otherwise one line per op
-    group: flip/rotation/scale, translation (pixels), brightness/contrast, blur sigma (+noise),
-    erased or not. Learned-policy parameters (a seed) are not shown.
-    """
-    if not bool(params["apply"][index]):
-        return "clean"
-    value = {key: tensor[index] for key, tensor in params.items()}
-    geometry = []
-    if "flip" in value and bool(value["flip"]):
-        geometry.append("flip")
-    if "angle" in value:
-        geometry.append(f"rot {float(value['angle']):+.0f}°")
-    if "scale" in value:
-        geometry.append(f"s {float(value['scale']):.2f}")
-    lines = [" ".join(geometry)]
-    if "translate" in value:
-        tx, ty = value["translate"].tolist()
-        lines.append(f"t ({tx:+.0f},{ty:+.0f}) px")
-    if "brightness" in value:
-        lines.append(f"b {float(value['brightness']):.2f} c {float(value['contrast']):.2f}")
-    if "sigma" in value:
-        lines.append(f"σ {float(value['sigma']):.2f}" + (" +noise" if "noise" in value else ""))
-    if "erase" in value:
-        lines.append("erased" if bool(value["erase"]) else "not erased")
-    if "policy_seed" in value:
-        lines.append("learned policy")
-    return "\n".join(line for line in lines if line) or "clean"
+def replay_text(params: augmentations.AugmentParams, index: int) -> str:
+    """Short text of one sample's replayed augmentation parameters, one line per op ("clean" when
+    p_aug left the sample alone)."""
+    return params.describe(index)
 
 
 def plot_stage_gallery(
@@ -690,16 +664,15 @@ def plot_stage_gallery(
     """The same images through every stage: rows = stages, columns = images, parameters under each tile.
 
     Each stage draws its parameters with ``BatchAugment.sample_params`` from a generator seeded
-    ``seed`` (so every stage sees the same p_aug draw), applies them, and un-normalizes for display.
+    ``seed`` (so every stage sees the same p_aug draw) and applies them (in [0, 1] units, shown clipped).
     """
     images = _images_uint8(images)  # (N, 3, H, W)
     n, _, h, w = images.shape
-    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     rows = []
     for stage in stages:
         aug = augmentations.BatchAugment(stage, p_aug, mean, std)
         params = aug.sample_params(n, torch.Generator().manual_seed(seed), "cpu", (h, w))
-        shown = (aug.apply(images, params) * std_t + mean_t).clamp(0, 1)  # (N, 3, H, W) in [0, 1]
+        shown = aug.apply(images, params).clamp(0, 1)  # (N, 3, H, W) in [0, 1] (not normalized)
         rows.append((stage, _to_display(shown), [replay_text(params, i) for i in range(n)]))
     max_lines = max(text.count("\n") + 1 for _, _, texts in rows for text in texts)
     figsize = (2.2 + 1.25 * n, 0.8 + (1.1 + 0.13 * max_lines) * len(stages))

@@ -8,6 +8,8 @@ Tolerances (float32 images in [0, 1]):
 - jitter, blur: atol 1e-6 (same formulas and kernels; equal to float32 rounding).
 - hflip, erase, normalize, p_aug=0 vs the eval transform: exact.
 - whole stage vs a chain of torchvision ops: atol 1e-4 after normalization (2e-5 / std ~ 1e-4).
+- erasing after Normalize, done in [0, 1] units as v * std + mean and normalized afterwards: atol 1e-6
+  (float32 rounding of v * std + mean, divided by std ~ 0.2).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+import augment_ops as O
 import augmentations as A
 import config
 from config import ConfigError
@@ -64,7 +67,7 @@ def assert_uniform(values: torch.Tensor, lo: float, hi: float) -> None:
     assert abs(values.var().item() - width**2 / 12) < 5 * width**2 * math.sqrt(1 / 180 / n)
 
 
-def big_draw(p_aug: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+def big_draw(p_aug: float = 1.0, seed: int = 0) -> A.AugmentParams:
     """N_DRAWS parameter sets of stage 5's ops without the per-pixel tensors (noise, random erase values)."""
     ops = tuple(op for op in A.STAGE_SPECS["stage5_occlusion"] if not isinstance(op, A.GaussianNoise))
     ops = tuple(dataclasses.replace(op, value=0.0) if isinstance(op, A.Erase) else op for op in ops)
@@ -80,7 +83,7 @@ def smooth_uint8() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def draws() -> dict[str, torch.Tensor]:
+def draws() -> A.AugmentParams:
     return big_draw()
 
 
@@ -142,7 +145,7 @@ def test_out_of_range_specs_raise_config_errors(make):
 
 def test_rotate_matches_torchvision_per_sample(images):
     angles = torch.tensor([-15.0, -14.99, -7.5, 0.0, 3.3, 10.0, 14.99, 15.0])
-    out = A.rotate_batch(images, angles)
+    out = O.rotate_batch(images, angles)
     pairs = zip(images, angles.tolist(), strict=True)
     ref = torch.stack([TF.rotate(img, a, interpolation=BILINEAR, fill=0) for img, a in pairs])
     torch.testing.assert_close(out, ref, atol=ATOL_GEOMETRY, rtol=0)
@@ -153,7 +156,7 @@ def test_affine_with_folded_flip_matches_torchvision_per_sample(images, scale):
     angles = torch.tensor([-15.0, -15.0, 0.0, 7.0, 15.0, 15.0, -4.0, 0.0])
     shifts = torch.tensor([[-3, -3], [3, 3], [0, 0], [1, -2], [-3, 3], [3, -3], [2, 0], [0, 3]]).float()
     flips = torch.tensor([False, True, False, True, True, False, False, True])
-    out = A.affine_batch(images, angles, shifts, torch.full((8,), scale), flip=flips)
+    out = O.affine_batch(images, angles, shifts, torch.full((8,), scale), flip=flips)
     ref = torch.stack([
         TF.affine(TF.hflip(img) if f else img, float(a), [int(t[0]), int(t[1])], scale, [0.0, 0.0],
                   interpolation=BILINEAR, fill=0)
@@ -165,15 +168,15 @@ def test_affine_with_folded_flip_matches_torchvision_per_sample(images, scale):
 def test_hflip_normalize_and_erase_are_exact(images):
     flips = torch.tensor([True, False] * 4)
     ref = torch.stack([TF.hflip(img) if f else img for img, f in zip(images, flips, strict=True)])
-    assert torch.equal(A.hflip_batch(images, flips), ref)
+    assert torch.equal(O.hflip_batch(images, flips), ref)
 
     mean, std = config.SVHN_MEAN, config.SVHN_STD
-    assert torch.equal(A.normalize_batch(images, mean, std), TF.normalize(images, list(mean), list(std)))
+    assert torch.equal(O.normalize_batch(images, mean, std), TF.normalize(images, list(mean), list(std)))
 
     boxes = torch.tensor([[0, 0, 5, 7], [20, 25, 11, 6], [3, 4, 31, 2], [10, 10, 1, 1]] * 2)
     active = torch.tensor([True, True, True, True, False, True, False, True])
     values = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    out = A.erase_batch(images, boxes, active, values)
+    out = O.erase_batch(images, boxes, active, values)
     for k in range(8):
         i, j, h, w = boxes[k].tolist()
         expected = TF.erase(images[k], i, j, h, w, values[k, :, i:i + h, j:j + w]) if active[k] else images[k]
@@ -184,7 +187,7 @@ def test_brightness_contrast_in_both_orders_match_torchvision(images):
     brightness = torch.tensor([0.8, 0.8, 1.2, 1.2, 0.8, 1.2, 1.0, 0.8])
     contrast = torch.tensor([1.2, 1.2, 0.8, 0.8, 0.8, 1.2, 0.8, 1.0])
     contrast_first = torch.tensor([False, True, False, True, True, False, True, False])
-    out = A.jitter_batch(images, brightness, contrast, contrast_first)
+    out = O.jitter_batch(images, brightness, contrast, contrast_first)
     ref = []
     for img, b, c, cf in zip(images, brightness.tolist(), contrast.tolist(), contrast_first, strict=True):
         if cf:
@@ -196,57 +199,82 @@ def test_brightness_contrast_in_both_orders_match_torchvision(images):
 
 def test_gaussian_blur_matches_torchvision_per_sample(images):
     sigmas = torch.tensor([0.1, 0.6, 1.2, 0.35, 1.2, 0.1, 0.6, 0.9])
-    out = A.blur_batch(images, sigmas, 3)
+    out = O.blur_batch(images, sigmas, 3)
     pairs = zip(images, sigmas.tolist(), strict=True)
     ref = torch.stack([TF.gaussian_blur(img, [3, 3], [s, s]) for img, s in pairs])
     torch.testing.assert_close(out, ref, atol=ATOL_PIXEL, rtol=0)
 
 
-def reference_stage5(image: torch.Tensor, p: dict, k: int) -> torch.Tensor:
+def reference_stage5(image: torch.Tensor, p: A.AugmentParams, k: int) -> torch.Tensor:
     """Stage 5 on one float image through torchvision's functional ops with the batch's parameters."""
-    x = TF.hflip(image) if p["flip"][k] else image
-    tx, ty = (int(v) for v in p["translate"][k].tolist())
-    x = TF.affine(x, float(p["angle"][k]), [tx, ty], float(p["scale"][k]), [0.0, 0.0],
+    affine, jitter, erase = p[A.Affine], p[A.ColorJitter], p[A.Erase]
+    x = TF.hflip(image) if p[A.HFlip].flip[k] else image
+    tx, ty = (int(v) for v in affine.translate[k].tolist())
+    x = TF.affine(x, float(affine.angle[k]), [tx, ty], float(affine.scale[k]), [0.0, 0.0],
                   interpolation=BILINEAR, fill=0)
-    b, c = float(p["brightness"][k]), float(p["contrast"][k])
-    if p["contrast_first"][k]:
+    b, c = float(jitter.brightness[k]), float(jitter.contrast[k])
+    if jitter.contrast_first[k]:
         x = TF.adjust_brightness(TF.adjust_contrast(x, c), b)
     else:
         x = TF.adjust_contrast(TF.adjust_brightness(x, b), c)
-    s = float(p["sigma"][k])
+    s = float(p[A.GaussianBlur].sigma[k])
     x = TF.gaussian_blur(x, [3, 3], [s, s])
-    x = (x + p["noise"][k]).clamp(0, 1)
+    x = (x + p[A.GaussianNoise].noise[k]).clamp(0, 1)
     x = TF.normalize(x, list(config.SVHN_MEAN), list(config.SVHN_STD))
-    if p["erase"][k]:
-        i, j, h, w = p["erase_box"][k].tolist()
-        x = TF.erase(x, i, j, h, w, p["erase_value"][k, :, i:i + h, j:j + w])
+    if erase.erase[k]:
+        i, j, h, w = erase.box[k].tolist()
+        x = TF.erase(x, i, j, h, w, erase.value[k, :, i:i + h, j:j + w])
     return x
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    """The loader's normalization of a BatchAugment output."""
+    return O.normalize_batch(x, config.SVHN_MEAN, config.SVHN_STD)
 
 
 def test_whole_stage5_batch_equals_torchvision_chain_per_sample(images):
     aug = A.BatchAugment("stage5_occlusion", 0.75)
     params = aug.sample_params(8, torch.Generator().manual_seed(5), "cpu")
-    assert params["apply"].any() and not params["apply"].all() and params["erase"].any()
-    out = aug.apply(images, params)
+    assert params.apply.any() and not params.apply.all() and params[A.Erase].erase.any()
+    out = normalized(aug.apply(images, params))
     clean = TF.normalize(images, list(config.SVHN_MEAN), list(config.SVHN_STD))
     for k in range(8):
-        expected = reference_stage5(images[k], params, k) if params["apply"][k] else clean[k]
+        expected = reference_stage5(images[k], params, k) if params.apply[k] else clean[k]
         torch.testing.assert_close(out[k], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.7, "random"])
+def test_erasing_after_normalize_matches_torchvision_random_erasing(images, value):
+    """Erase acts in normalized units although the engine's output is normalized later, by the loader."""
+    ops = (A.Normalize(), A.Erase(p=1.0, value=value))
+    aug = A.BatchAugment(ops, 1.0)
+    params = aug.sample_params(8, torch.Generator().manual_seed(0), "cpu")
+    out = normalized(aug.apply(images, params))
+    erase = params[A.Erase]
+    assert erase.erase.all()
+    for k in range(8):
+        i, j, h, w = erase.box[k].tolist()
+        fill = erase.value[k, :, i:i + h, j:j + w] if value == "random" else torch.tensor(float(value))
+        expected = TF.erase(TF.normalize(images[k], list(config.SVHN_MEAN), list(config.SVHN_STD)), i, j, h, w,
+                            fill)
+        torch.testing.assert_close(out[k], expected, atol=1e-6, rtol=0)
+        if value == 0.0:
+            assert torch.equal(out[k, :, i:i + h, j:j + w], torch.zeros(3, h, w))
 
 
 # ---------------------------------------------------------------- parameter distributions
 
 
 def test_angles_scales_factors_and_sigmas_are_uniform_over_the_spec_ranges(draws):
-    assert_uniform(draws["angle"], -15.0, 15.0)
-    assert_uniform(draws["scale"], 0.9, 1.1)
-    assert_uniform(draws["brightness"], 0.8, 1.2)
-    assert_uniform(draws["contrast"], 0.8, 1.2)
-    assert_uniform(draws["sigma"], 0.1, 1.2)
+    assert_uniform(draws[A.Affine].angle, -15.0, 15.0)
+    assert_uniform(draws[A.Affine].scale, 0.9, 1.1)
+    assert_uniform(draws[A.ColorJitter].brightness, 0.8, 1.2)
+    assert_uniform(draws[A.ColorJitter].contrast, 0.8, 1.2)
+    assert_uniform(draws[A.GaussianBlur].sigma, 0.1, 1.2)
 
 
 def test_translations_are_rounded_uniform_integer_pixels(draws):
-    shifts = draws["translate"]  # (N, 2)
+    shifts = draws[A.Affine].translate  # (N, 2)
     assert torch.equal(shifts, shifts.round())
     assert set(shifts.unique().tolist()) == {-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0}
     # round(U(-3.2, 3.2)): the edge values +-3 cover [2.5, 3.2], inner values a full unit.
@@ -257,10 +285,10 @@ def test_translations_are_rounded_uniform_integer_pixels(draws):
 
 
 def test_flip_jitter_order_and_apply_rates(draws):
-    assert abs(draws["flip"].double().mean().item() - 0.5) < binomial_bound(N_DRAWS, 0.5)
-    assert abs(draws["contrast_first"].double().mean().item() - 0.5) < binomial_bound(N_DRAWS, 0.5)
-    assert draws["apply"].all()
-    apply = big_draw(p_aug=0.25, seed=1)["apply"]
+    assert abs(draws[A.HFlip].flip.double().mean().item() - 0.5) < binomial_bound(N_DRAWS, 0.5)
+    assert abs(draws[A.ColorJitter].contrast_first.double().mean().item() - 0.5) < binomial_bound(N_DRAWS, 0.5)
+    assert draws.apply.all()
+    apply = big_draw(p_aug=0.25, seed=1).apply
     assert abs(apply.double().mean().item() - 0.25) < binomial_bound(N_DRAWS, 0.25)
 
 
@@ -306,9 +334,10 @@ def test_erase_rate_and_boxes_follow_torchvision_random_erasing(spec, n_ref):
     ops = (A.Normalize(), dataclasses.replace(spec, value=0.0))  # no per-pixel values: N_DRAWS stay small
     draws = A.BatchAugment(ops, 1.0).sample_params(N_DRAWS, torch.Generator().manual_seed(0), "cpu")
     ref = torchvision_erasing(spec, n_ref)
-    ours_rate, ref_rate = draws["erase"].double().mean().item(), ref["erase"].double().mean().item()
+    erase = draws[A.Erase]
+    ours_rate, ref_rate = erase.erase.double().mean().item(), ref["erase"].double().mean().item()
     assert abs(ours_rate - ref_rate) < 5 * math.sqrt(0.25 / N_DRAWS + 0.25 / n_ref)
-    ours = draws["erase_box"][draws["erase"]]  # (n, 4) = top, left, h, w of erased samples
+    ours = erase.box[erase.erase]  # (n, 4) = top, left, h, w of erased samples
     top, left, h, w = ours.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
     assert (h < 32).all() and (w < 32).all() and (h >= 1).all() and (w >= 1).all()
@@ -324,7 +353,7 @@ def test_erase_rate_and_boxes_follow_torchvision_random_erasing(spec, n_ref):
 def test_noise_and_random_erase_values_have_the_spec_spread():
     aug = A.BatchAugment("stage5_occlusion", 1.0)
     params = aug.sample_params(64, torch.Generator().manual_seed(0), "cpu")
-    noise, values = params["noise"].double(), params["erase_value"].double()  # (64, 3, 32, 32) each
+    noise, values = params[A.GaussianNoise].noise.double(), params[A.Erase].value.double()  # (64, 3, 32, 32)
     n = noise.numel()
     assert abs(noise.mean().item()) < 5 * 0.03 / math.sqrt(n)
     assert abs(noise.std().item() / 0.03 - 1) < 5 / math.sqrt(2 * n)
@@ -336,14 +365,14 @@ def test_noise_and_random_erase_values_have_the_spec_spread():
 
 
 def test_p_aug_zero_equals_the_eval_transform_exactly(images_uint8):
-    out = A.BatchAugment("stage5_occlusion", 0.0)(images_uint8, torch.Generator().manual_seed(0))
+    out = normalized(A.BatchAugment("stage5_occlusion", 0.0)(images_uint8, torch.Generator().manual_seed(0)))
     eval_t = A.get_eval_transform()
     ref = torch.stack([eval_t(to_pil(img)) for img in images_uint8])
     assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("stage", ["stage1_basic", "stage3_color_noflip", "stage5_occlusion",
-                                   "trivialaugment"])
+                                   "trivialaugment", "randaugment", "autoaugment_svhn"])
 def test_same_seed_same_batch_different_seed_different_batch(images_uint8, stage):
     aug = A.BatchAugment(stage, 1.0)
     rng_before = torch.get_rng_state()
@@ -354,7 +383,7 @@ def test_same_seed_same_batch_different_seed_different_batch(images_uint8, stage
     assert first.shape == (6, 3, 32, 32) and first.dtype == torch.float32
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
-    assert aug.per_sample == (stage == "trivialaugment")
+    assert not aug.per_sample  # every stage, the learned policies included, runs batched
 
 
 def test_default_generator_comes_from_the_global_rng(images_uint8):
@@ -376,29 +405,32 @@ def test_uint8_and_float_input_give_the_same_batch(images_uint8):
     assert torch.equal(floats, kept)  # the engine works on its own copy
 
 
-def test_masked_path_for_accelerators_equals_the_indexed_cpu_path(images_uint8):
-    aug = A.BatchAugment("stage5_occlusion", 0.5)
+@pytest.mark.parametrize("stage", ["stage5_occlusion", "autoaugment_svhn"])
+def test_masked_path_for_accelerators_equals_the_indexed_cpu_path(images_uint8, stage):
+    aug = A.BatchAugment(stage, 0.5)
     params = aug.sample_params(6, torch.Generator().manual_seed(0), "cpu")
-    assert 0 < params["apply"].sum() < 6
-    masked = aug._apply_masked(images_uint8, A.to_unit_float(images_uint8), params)
+    assert 0 < params.apply.sum() < 6
+    masked = A.BatchAugment(stage, 0.5, accelerator_path=True).apply(images_uint8, params)
     torch.testing.assert_close(masked, aug.apply(images_uint8, params), atol=1e-5, rtol=0)
 
 
-def test_policy_stage_replays_from_its_seeds_and_keeps_unchosen_samples_clean(images_uint8):
+def test_policy_stage_replays_and_keeps_unchosen_samples_clean(images_uint8):
     aug = A.BatchAugment("autoaugment_svhn", 0.5)
     params = aug.sample_params(6, torch.Generator().manual_seed(4), "cpu")
     out = aug.apply(images_uint8, params)
     assert torch.equal(out, aug.apply(images_uint8, params))
     clean = A.BatchAugment("none", 0.0)(images_uint8)
-    chosen = params["apply"]
+    chosen = params.apply
     assert torch.equal(out[~chosen], clean[~chosen])
+    # Augmented samples stay on the uint8 grid (torchvision's policies work on uint8 images).
+    assert torch.equal(out, O.to_unit_float(O.quantize(out)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batch_matches_cpu_batch(images_uint8):
     aug = A.BatchAugment("stage5_occlusion", 0.75)
     params = aug.sample_params(6, torch.Generator().manual_seed(0), "cpu")
-    on_cuda = aug.apply(images_uint8.cuda(), {k: v.cuda() for k, v in params.items()})
+    on_cuda = aug.apply(images_uint8.cuda(), params.to("cuda"))
     torch.testing.assert_close(on_cuda.cpu(), aug.apply(images_uint8, params), atol=1e-4, rtol=0)
     drawn = aug(images_uint8.cuda(), torch.Generator(device="cuda").manual_seed(0))
     assert drawn.is_cuda and drawn.shape == (6, 3, 32, 32)
@@ -473,12 +505,17 @@ def test_corrupt_rejects_unknown_kind_and_severity(images_uint8):
         A.corrupt(images_uint8, "blur", 4)
 
 
-def test_registered_custom_stage_runs_in_both_paths_and_in_a_config(monkeypatch):
-    monkeypatch.setattr(config, "CUSTOM_STAGES", set())
-    monkeypatch.setitem(A.STAGE_SPECS, "test_custom", ())  # removed again after the test
+@pytest.fixture
+def registry(monkeypatch):
+    """An empty custom-stage registry, restored after the test."""
+    monkeypatch.setattr(A, "_CUSTOM_STAGES", {})
+
+
+def test_registered_custom_stage_runs_in_both_paths_and_in_a_config(registry):
     ops = A.register_stage("test_custom",
                            (A.Affine(10.0, (0.05, 0.05), (0.95, 1.05)), A.ColorJitter(0.3, 0.3)))
-    assert A.STAGE_SPECS["test_custom"] == ops and isinstance(ops[-1], A.Normalize)
+    assert A.stage_ops("test_custom") == ops and isinstance(ops[-1], A.Normalize)
+    assert A.registered_stages() == ("test_custom",) and "test_custom" not in A.STAGE_SPECS
     batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     out = A.BatchAugment("test_custom", 1.0)(batch, torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 32, 32) and not torch.equal(out, A.BatchAugment("none", 1.0)(batch))
@@ -486,3 +523,113 @@ def test_registered_custom_stage_runs_in_both_paths_and_in_a_config(monkeypatch)
     assert config.TrainConfig(stage="test_custom", p_aug=0.5).stage == "test_custom"
     with pytest.raises(ConfigError, match="built-in"):
         A.register_stage("stage1_basic", ops)
+
+
+def test_config_takes_any_stage_name_and_stage_ops_names_the_choices(registry):
+    A.register_stage("mine", (A.HFlip(),))
+    assert config.TrainConfig(stage="not_registered").stage == "not_registered"
+    for bad in ("", None, 3):
+        with pytest.raises(ConfigError, match="stage"):
+            config.TrainConfig(stage=bad)
+    with pytest.raises(ConfigError) as err:
+        A.stage_ops("not_registered")
+    assert all(name in str(err.value) for name in config.ALL_STAGES) and "mine" in str(err.value)
+    assert "register_stage" in str(err.value)
+
+
+@pytest.mark.parametrize("name, ops, match", [
+    (None, (A.HFlip(),), "non-empty string"),
+    ("", (A.HFlip(),), "non-empty string"),
+    (7, (A.HFlip(),), "non-empty string"),
+    ("empty", (), "non-empty tuple of op specs"),
+    ("not_ops", "HFlip", "non-empty tuple of op specs"),
+    ("not_a_spec", (v2.RandomHorizontalFlip(),), "not an op spec"),
+])
+def test_register_stage_rejects_bad_names_and_op_lists(registry, name, ops, match):
+    with pytest.raises(ConfigError, match=match):
+        A.register_stage(name, ops)
+    assert A.registered_stages() == ()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: A.Erase(value=float("nan")),
+    lambda: A.Erase(value=float("inf")),
+    lambda: A.Rotate(degrees=float("nan")),
+    lambda: A.GaussianNoise(std=float("nan")),
+    lambda: A.Affine(scale=(0.9, float("inf"))),
+])
+def test_non_finite_spec_values_are_rejected(make):
+    with pytest.raises(ConfigError, match="finite|must"):
+        make()
+
+
+def test_register_stage_rejects_non_finite_values_that_bypass_construction(registry):
+    # A spec built without its checks (e.g. unpickled from elsewhere) is still caught at registration.
+    erase = object.__new__(A.Erase)
+    for field, value in (("p", 0.5), ("scale", (0.02, 0.15)), ("ratio", (0.3, 3.3)), ("value", float("nan"))):
+        object.__setattr__(erase, field, value)
+    with pytest.raises(ConfigError, match="non-finite.*value=nan.*finite numbers"):
+        A.register_stage("nan_stage", (A.Normalize(), erase))
+    assert A.registered_stages() == ()
+
+
+def test_stage_fingerprint_follows_the_op_specs(registry):
+    fingerprints = {stage: A.stage_fingerprint(stage) for stage in config.ALL_STAGES}
+    assert len(set(fingerprints.values())) == len(config.ALL_STAGES)  # every stage its own
+    assert all(len(f) == 12 for f in fingerprints.values())
+    assert A.stage_fingerprint("stage1_basic") == A.stage_fingerprint(A.STAGE_SPECS["stage1_basic"])  # stable
+    A.register_stage("mine", (A.HFlip(0.5), A.Rotate(10.0)))
+    first = A.stage_fingerprint("mine")
+    assert first == A.stage_fingerprint((A.HFlip(0.5), A.Rotate(10.0), A.Normalize()))
+    A.register_stage("mine", (A.HFlip(0.5), A.Rotate(11.0)))  # redefined: a new identity
+    assert A.stage_fingerprint("mine") != first
+    edited = tuple(dataclasses.replace(op, p=0.4) if isinstance(op, A.HFlip) else op
+                   for op in A.STAGE_SPECS["stage1_basic"])
+    assert A.stage_fingerprint(edited) != fingerprints["stage1_basic"]
+
+
+# ---------------------------------------------------------------- no host syncs on the accelerator path
+
+
+BATCHED_STAGES = [stage for stage in config.ALL_STAGES if stage != "none"]
+
+
+@pytest.mark.parametrize("stage", BATCHED_STAGES)
+def test_accelerator_path_has_no_host_syncs_in_augment_and_normalize(images_uint8, stage):
+    """The path CUDA takes, forced on the CPU: a few batches through the loader with the stage's
+    augmentation build no tensor from Python data and read nothing back (constants are cached)."""
+    from data_loading import DeviceLoader
+
+    labels = torch.arange(len(images_uint8))
+    augment = A.BatchAugment(stage, 0.5, accelerator_path=True)
+    loader = DeviceLoader(images_uint8, labels, 4, config.SVHN_MEAN, config.SVHN_STD, augment=augment, seed=0)
+    list(loader)  # warm-up: the cached constants are made here, once
+    with O.count_host_syncs() as count:
+        for _ in range(2):
+            for x, _y in loader:
+                x.sum()
+    assert count.total == 0, count.events
+
+
+def test_sync_counter_sees_syncs_and_host_data():
+    t = torch.ones(3)
+    with O.count_host_syncs() as count:
+        t[0].item()
+        bool(t.any())
+        t[t > 0]
+        t.nonzero()
+        torch.tensor([1.0])
+        torch.full((2,), 3.0)
+    assert count.syncs == 4 and count.host_data == 2, count.events
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the cached constants
+def test_compiled_apply_equals_eager(images_uint8):
+    eager = A.BatchAugment("stage1_basic", 0.5, accelerator_path=True)
+    params = eager.sample_params(6, torch.Generator().manual_seed(0), "cpu")
+    try:
+        compiled = A.BatchAugment("stage1_basic", 0.5, compile=True).apply(images_uint8, params)
+    except Exception as error:  # no C++ compiler or an unsupported platform: nothing to compare
+        pytest.skip(f"torch.compile cannot run here: {error}")
+    torch.testing.assert_close(compiled, eager.apply(images_uint8, params), atol=1e-5, rtol=0)

@@ -389,16 +389,15 @@ def test_save_figure_writes_png_atomically(tmp_path):
 
 
 def test_replay_text_reads_the_parameters():
-    params = {
-        "apply": torch.tensor([True, False]),
-        "flip": torch.tensor([True, True]),
-        "angle": torch.tensor([-12.4, 3.0]),
-        "translate": torch.tensor([[2.0, -1.0], [0.0, 0.0]]),
-        "scale": torch.tensor([1.04, 1.0]),
-        "sigma": torch.tensor([0.734, 0.5]),
-        "erase": torch.tensor([True, False]),
-    }
-    assert viz.replay_text(params, 0) == "flip rot -12° s 1.04\nt (+2,-1) px\nσ 0.73\nerased"
+    import augmentations as A
+
+    params = A.AugmentParams(torch.tensor([True, False]), (
+        A.FlipParams(torch.tensor([True, True])),
+        A.AffineParams(torch.tensor([-12.4, 3.0]), torch.tensor([[2.0, -1.0], [0.0, 0.0]]), torch.tensor([1.04, 1.0])),
+        A.BlurParams(torch.tensor([0.734, 0.5])),
+        A.EraseParams(torch.tensor([True, False]), torch.zeros(2, 4, dtype=torch.long)),
+    ))
+    assert viz.replay_text(params, 0) == "flip\nrot -12° s 1.04\nt (+2,-1) px\nσ 0.73\nerased"
     assert viz.replay_text(params, 1) == "clean"
 
 
@@ -420,8 +419,9 @@ def test_stage_gallery_replays_each_stage(images):
         8, torch.Generator().manual_seed(3), "cpu")
     for c in range(8):
         assert axes[1, c].get_xlabel() == viz.replay_text(params, c)
-        assert f"rot {float(params['angle'][c]):+.0f}°" in axes[1, c].get_xlabel()
-    assert all("rot" not in ax.get_xlabel() for ax in axes[3])  # learned policy: no replayed parameters
+        assert f"rot {float(params[augmentations.Affine].angle[c]):+.0f}°" in axes[1, c].get_xlabel()
+    policy = augmentations.BatchAugment("trivialaugment", 1.0).sample_params(8, torch.Generator().manual_seed(3), "cpu")
+    assert [ax.get_xlabel() for ax in axes[3]] == [viz.replay_text(policy, c) for c in range(8)]  # the drawn ops
 
 
 def test_stage_gallery_leaves_unchosen_samples_clean(images):
