@@ -197,7 +197,7 @@ def fast_pipeline(name: str, images, labels, size: Size, device: str, *, compile
     torch.manual_seed(0)
     model = build_model(name).to(device)
     cfg = config.preset_config("original", model=name, batch_size=size.batch_size)
-    training._prepare(model, torch.device(device))  # as fit does, before the optimizer is built
+    training.prepare_model(model, device)  # as fit does, before the optimizer is built
     optimizer = training.build_optimizer(model, cfg)
     train_model = torch.compile(model) if compile_model else model
     return n, lambda: training.train_epoch(train_model, loader, optimizer, device)
