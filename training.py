@@ -596,28 +596,33 @@ def _read_checkpoint(path: Path) -> dict | None:
         # Only tensors and plain containers inside, so the safe weights_only loader reads it.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        warnings.warn(f"checkpoint {path} cannot be read ({reason})", RuntimeWarning, stacklevel=3)
+        reason = str(err).split(". ")[0] or type(err).__name__  # torch's first sentence says enough
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        warnings.warn(f"checkpoint {path} is damaged and cannot be read ({reason})", RuntimeWarning,
+                      stacklevel=4)
         return None
     missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     if missing:
-        warnings.warn(f"checkpoint {path} lacks {sorted(missing)}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"checkpoint {path} is incomplete and cannot be read (no {sorted(missing)})",
+                      RuntimeWarning, stacklevel=4)
         return None
     return ckpt
 
 
 def _newest_readable_checkpoint(path: Path) -> tuple[Path, dict] | None:
+    """(file, contents) of ``path``, else of the previous checkpoint; None when neither is readable."""
     candidates = [c for c in (path, previous_checkpoint_path(path)) if c.exists()]
-    for rank, candidate in enumerate(candidates):
+    for candidate in candidates:
         ckpt = _read_checkpoint(candidate)
         if ckpt is not None:
-            if rank > 0:
+            if candidate != path:
                 warnings.warn(f"resuming from the previous checkpoint {candidate} (one epoch more to train)",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)
             return candidate, ckpt
     if candidates:
         warnings.warn(f"no readable checkpoint at {path}: the run restarts from its first epoch",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     return None
 
 
