@@ -4,9 +4,9 @@ Works with any model and any loader that yields ``(x, y)`` batches: the project'
 (normalized float32 (B, 3, 32, 32) and int64 (B,) already on the device) or a torch DataLoader
 (CPU tensors, moved here). The hot loop never waits for the device: losses, correct counts and the
 first non-finite loss are tracked on the device and read once per epoch. Every ``CHECK_EVERY``
-steps the host looks for a diverged loss: on the CPU directly, on CUDA through an asynchronous copy
-that it reads only once it has landed (never waiting), so a diverged CUDA run stops a check or two
-later. Evaluation keeps labels and logits on the device and counts the confusion matrix there.
+steps the host looks for a diverged loss: on the CPU and MPS directly, on CUDA through an
+asynchronous copy that it reads only once it has landed (never waiting), so a diverged CUDA run
+stops a check or two later. Evaluation keeps labels and logits on the device and counts the confusion matrix there.
 
 On CUDA the model's forward pass runs in bfloat16 autocast on channels_last tensors, with cuDNN's
 autotuner on while a loop runs; the loader's batches (augmentation included), the loss and the metrics
@@ -31,6 +31,7 @@ import io
 import os
 import pickle
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -41,7 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():
+    # tqdm.auto: widgets in a notebook (with ipywidgets), text bars elsewhere; without ipywidgets a
+    # notebook gets text bars instead of a warning in every cell that imports this module.
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 import atomic_io
 import config
@@ -272,6 +279,13 @@ def _cpu_model_name() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if sys.platform == "darwin":  # macOS names its CPU through sysctl ("Apple M2 Pro")
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                 timeout=5, check=True)
+            return out.stdout.strip() or "cpu"
+        except (OSError, subprocess.SubprocessError):
+            pass
     return platform.processor() or "cpu"
 
 
