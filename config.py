@@ -230,9 +230,13 @@ def preset_config(preset: str = "original", **overrides) -> TrainConfig:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """'auto' picks CUDA when present; anything else is passed through."""
+    """'auto' picks CUDA when present, then Apple's MPS, then the CPU; anything else is passed through."""
     if device != "auto":
         return device
     import torch  # local: config must stay importable without heavy work at import
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"

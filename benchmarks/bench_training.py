@@ -1,6 +1,6 @@
 """Training throughput: the original study's pipeline against the fast path, side by side.
 
-For each model (SimpleCNN, ResNet18Cifar) and device (CPU, and CUDA when present), on the same
+For each model (SimpleCNN, ResNet18Cifar) and device (CPU, and CUDA or MPS when present), on the same
 images, batch size and augmentation (``stage5_occlusion`` at p_aug = 1), in one run:
 
 - original: a small re-creation of the original study's loop: PIL images through the per-sample
@@ -18,12 +18,18 @@ ratio is fast / original. ``--layout`` (on by default on the CPU) times float32 
 NCHW against channels_last, interleaved: the evidence for ``training.CPU_CHANNELS_LAST``.
 Results: benchmarks/results/training_<device-tag>.json (``cpu`` when no GPU was measured).
 
-On CUDA each row also counts the synchronizing calls per training step (torch's sync debug mode),
-with and without the augmentation. ``--memory`` runs only the memory check: SVHN train + extra
-(604,388 images) resident on the GPU as uint8 and ResNet18Cifar trained on it at batch 1024
-(``torch.cuda.max_memory_allocated``; results in memory_<device-tag>.json).
+On the CPU each row also counts, per training step of the fast path and of its augmentation alone,
+with and without the augmentation: aten ops (``OpCounter``, a TorchDispatchMode: on an accelerator each
+is about one kernel launch) and calls that would make the host wait for an accelerator (``SyncCounter``,
+a TorchFunctionMode: value reads, data-dependent shapes, tensors built from Python data). Counts are
+taken over epochs of k and 2k steps and differenced, so the epoch's own final reads cancel out. On
+CUDA each row counts the synchronizing calls per training step (torch's sync debug mode).
 
-    python benchmarks/bench_training.py [--quick] [--device cpu|cuda|all] [--models simplecnn resnet18]
+``--memory`` runs only the memory check: SVHN train + extra (604,388 images) resident on the GPU as
+uint8 and ResNet18Cifar trained on it at batch 1024 (``torch.cuda.max_memory_allocated``; results in
+memory_<device-tag>.json).
+
+    python benchmarks/bench_training.py [--quick] [--device cpu|cuda|mps|all] [--models simplecnn resnet18]
                                         [--compile] [--layout | --no-layout] [--memory] [--out FILE]
 """
 
@@ -45,7 +51,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_augment import cpu_name, device_name, device_tag  # noqa: E402  (same folder, on sys.path as a script)
+from bench_augment import device_tag  # noqa: E402  (same folder, on sys.path as a script)
+from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import config  # noqa: E402
@@ -80,7 +88,11 @@ SIZES = {
     ("cpu", "resnet18", False): Size(128, 4, 4, 3),
     ("cuda", "simplecnn", False): Size(384, 10, 100, 2),
     ("cuda", "resnet18", False): Size(384, 10, 50, 2),
+    ("mps", "simplecnn", False): Size(384, 10, 50, 2),
+    ("mps", "resnet18", False): Size(256, 5, 20, 2),
 }
+COUNT_STEPS = 3  # per-step counts: epochs of COUNT_STEPS and 2 * COUNT_STEPS steps (below CHECK_EVERY)
+COUNT_BATCH = 32  # per-step counts hardly depend on the batch size
 
 
 def size_for(device: str, model: str, quick: bool) -> Size:
@@ -95,9 +107,9 @@ def environment(devices: list[str]) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "cpu": cpu_name(),
+        "cpu": training.device_label("cpu"),
         "cpu_threads": torch.get_num_threads(),
-        "devices": {device: device_name(device) for device in devices},
+        "devices": {device: training.device_label(device) for device in devices},
         "load_average_1min": os.getloadavg()[0],
     }
 
@@ -111,17 +123,12 @@ def make_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return fine.mul(255).round().to(torch.uint8), labels
 
 
-def synchronize(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_epoch(run_epoch, device: str) -> float:
     """Seconds of one ``run_epoch()``, between two device synchronizations."""
-    synchronize(device)
+    training.synchronize(device)
     start = time.perf_counter()
     run_epoch()
-    synchronize(device)
+    training.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -197,7 +204,7 @@ def fast_pipeline(name: str, images, labels, size: Size, device: str, *, compile
     torch.manual_seed(0)
     model = build_model(name).to(device)
     cfg = config.preset_config("original", model=name, batch_size=size.batch_size)
-    training._prepare(model, torch.device(device))  # as fit does, before the optimizer is built
+    training.prepare_model(model, device)  # as fit does, before the optimizer is built
     optimizer = training.build_optimizer(model, cfg)
     train_model = torch.compile(model) if compile_model else model
     return n, lambda: training.train_epoch(train_model, loader, optimizer, device)
@@ -223,6 +230,8 @@ def measure_model(name: str, device: str, quick: bool, compile_model: bool) -> d
     if device == "cuda":
         row["host_syncs_per_step"] = {stage: syncs_per_step(name, images, labels, size, device, stage)
                                       for stage in ("none", STAGE)}
+    if device == "cpu":
+        row["per_step_counts"] = {stage: per_step_counts(name, stage) for stage in ("none", STAGE)}
     return row
 
 
@@ -240,6 +249,79 @@ def syncs_per_step(name: str, images, labels, size: Size, device: str, stage: st
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught) / batches
+
+
+# ----------------------------------------------------------------------------- ops and syncs per step (CPU)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops (forward, backward and optimizer alike): on an accelerator, about one kernel
+    launch each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts the calls that make the host wait for an accelerator, whatever the device they run on:
+    reads of tensor values, ops whose output shape depends on the data, boolean-mask indexing, and
+    tensors built from Python data (a blocking host-to-device copy when made on an accelerator)."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
+    DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
+    FROM_PYTHON = {"tensor", "as_tensor", "new_tensor"}
+    INDEXING = {"__getitem__", "__setitem__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += self._syncs(getattr(func, "__name__", ""), args)
+        return func(*args, **(kwargs or {}))
+
+    def _syncs(self, name: str, args: tuple) -> int:
+        if name in self.READS or name in self.DATA_DEPENDENT:
+            return 1
+        if name in self.FROM_PYTHON:
+            data = args[1] if name == "new_tensor" else (args[0] if args else None)
+            return int(not isinstance(data, torch.Tensor))
+        if name in self.INDEXING and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return int(any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index))
+        return 0
+
+
+def per_step_counts(name: str, stage: str) -> dict:
+    """aten ops and would-be host syncs per training step of the fast path on the CPU, and of its
+    augmentation alone (the loader's batches): counted over epochs of COUNT_STEPS and 2 * COUNT_STEPS
+    steps and differenced, so that the epoch's own reads and one-time set-up cancel out."""
+    images, labels = make_images(2 * COUNT_STEPS * COUNT_BATCH)
+
+    def count(counter_type, steps: int, augment_only: bool) -> int:
+        size = Size(COUNT_BATCH, 0, steps, 1)
+        if augment_only:
+            n = COUNT_BATCH * steps
+            loader = fast_loader(images[:n], labels[:n], COUNT_BATCH, "cpu", stage)
+            run_epoch = lambda: [batch for batch in loader]  # noqa: E731
+        else:
+            run_epoch = fast_pipeline(name, images, labels, size, "cpu", stage=stage)[1]
+        with counter_type() as counter:
+            run_epoch()
+        return counter.count
+
+    def per_step(counter_type, augment_only: bool) -> float:
+        k = COUNT_STEPS
+        return (count(counter_type, 2 * k, augment_only) - count(counter_type, k, augment_only)) / k
+
+    return {"batch_size": COUNT_BATCH,
+            "aten_ops": per_step(OpCounter, False), "aten_ops_augment": per_step(OpCounter, True),
+            "host_syncs": per_step(SyncCounter, False), "host_syncs_augment": per_step(SyncCounter, True)}
 
 
 # ----------------------------------------------------------------------------- device memory
@@ -323,6 +405,10 @@ def print_row(row: dict) -> None:
     if "fast_compiled" in row:
         line += f" {row['fast_compiled']['images_per_s']:>12,.0f} (compile {row['compile_ratio']:.2f}x)"
     print(line, flush=True)
+    for stage, counts in row.get("per_step_counts", {}).items():
+        print(f"  per step, {stage}: {counts['aten_ops']:.0f} aten ops ({counts['aten_ops_augment']:.0f} in the "
+              f"augmentation), {counts['host_syncs']:.1f} host syncs ({counts['host_syncs_augment']:.1f} in the "
+              "augmentation)", flush=True)
 
 
 def run(devices: list[str], models: list[str], quick: bool, compile_model: bool, layout: bool) -> dict:
@@ -352,8 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few images on the CPU (minutes on 2 cores)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
-                        help="all: the CPU, and CUDA when present")
+    parser.add_argument("--device", choices=("cpu", "cuda", "mps", "all"), default="all",
+                        help="all: the CPU, and CUDA and MPS when present")
     parser.add_argument("--models", nargs="+", default=list(config.MODELS), choices=config.MODELS)
     parser.add_argument("--compile", action="store_true",
                         help="also the fast path under torch.compile (CUDA)")
@@ -365,12 +451,14 @@ def main(argv: list[str] | None = None) -> dict:
                              "ResNet18Cifar at batch 1024")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    if (args.device == "cuda" or args.memory) and not torch.cuda.is_available():
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if (args.device == "cuda" or args.memory) and not available["cuda"]:
         parser.error("--device cuda / --memory: CUDA is not available")
+    if args.device == "mps" and not available["mps"]:
+        parser.error("--device mps: MPS is not available")
     if args.memory:
         return run_memory_check(args.out)
-    devices = {"cpu": ["cpu"], "cuda": ["cuda"]}.get(args.device) or (
-        ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    devices = [args.device] if args.device != "all" else [d for d, present in available.items() if present]
     layout = "cpu" in devices if args.layout is None else args.layout
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {STAGE} at p_aug {P_AUG}; "
           "images/s (median of timed epochs after a warm-up epoch); ratio = fast / original")

@@ -1,6 +1,7 @@
 """The fast path (uint8 data on the device, BatchAugment, the on-device training loop) against the
-original per-sample pipeline, and the fast path's CUDA-only code: bf16 autocast, channels_last, fused
-Adam, and a training step that never waits for the device. Speed is measured in benchmarks/, not here.
+original per-sample pipeline; compiled training on it without recompilation; and the fast path's
+CUDA-only code: bf16 autocast around the model only, channels_last, fused Adam, and a training step
+that never waits for the device. Speed is measured in benchmarks/, not here.
 """
 
 from __future__ import annotations
@@ -170,3 +171,70 @@ def test_cuda_divergence_is_caught_without_waiting():
         training.train_epoch(net, batches(), optimizer, "cuda", epoch=2)
     assert (info.value.epoch, info.value.step) == (2, 3)
     assert len(consumed) < 4 * training.CHECK_EVERY  # stopped at a periodic check, not at the epoch's end
+
+
+def test_compiled_fast_path_compiles_once_despite_a_partial_last_batch(monkeypatch, one_thread):
+    # 150 training images in batches of 32: every epoch ends with a batch of 22; validation's 70 images
+    # in batches of 64 end with 6. A backend that counts compiled graphs (and runs them eagerly) stands
+    # in for inductor.
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counter))
+    torch._dynamo.reset()
+    images, labels = synthetic_images(220)
+    augment = BatchAugment("stage5_occlusion", 0.5, config.SVHN_MEAN, config.SVHN_STD)
+    compiled_before_batch = []
+
+    def counting_augment(batch, generator=None):
+        # Batches are made lazily: batch i + 1 is augmented once step i has run.
+        compiled_before_batch.append(counter.frame_count)
+        return augment(batch, generator=generator)
+
+    train = DeviceLoader(images[:150], labels[:150], 32, config.SVHN_MEAN, config.SVHN_STD,
+                         augment=counting_augment)
+    val = DeviceLoader(images[150:], labels[150:], 64, config.SVHN_MEAN, config.SVHN_STD, shuffle=False)
+    torch.manual_seed(0)
+    cfg = config.TrainConfig(epochs=2, batch_size=32, compile=True, scheduler="onecycle")
+    try:
+        training.fit(SimpleCNN(), train, val, cfg, "cpu", quiet=True)
+    finally:
+        torch._dynamo.reset()
+    assert len(compiled_before_batch) == 2 * len(train)
+    assert compiled_before_batch[0] == 0 and compiled_before_batch[1] >= 1  # compiled in the first step
+    assert counter.frame_count == compiled_before_batch[1]  # and never again
+
+
+@needs_cuda
+def test_cuda_augmentation_runs_outside_autocast():
+    images, labels = synthetic_images(64)
+
+    def loader():
+        augment = BatchAugment("stage5_occlusion", 1.0, config.SVHN_MEAN, config.SVHN_STD)
+        return DeviceLoader(images, labels, 32, config.SVHN_MEAN, config.SVHN_STD, device="cuda", seed=4,
+                            augment=augment, shuffle=False)
+
+    seen = []
+
+    def recorded():
+        for x, y in loader():
+            seen.append(x.clone())
+            yield x, y
+
+    torch.manual_seed(0)
+    net = SimpleCNN().cuda()
+    logits = training.predict(net, recorded(), "cuda")[2]
+    assert logits.dtype == torch.float32
+    direct = [x for x, _ in loader()]
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(seen, direct, strict=True))
+
+
+@needs_cuda
+def test_cuda_device_label_and_synchronize():
+    assert training.device_label("cuda") == torch.cuda.get_device_name(0)
+    x = torch.ones(1024, 1024, device="cuda")
+    y = x @ x
+    training.synchronize("cuda")
+    assert y[0, 0].item() == 1024.0
+    assert config.resolve_device("auto") == "cuda"

@@ -2,10 +2,13 @@
 re-runs of the same training; tiny models and data so the file runs in seconds on a CPU."""
 
 import copy
+import csv
 import dataclasses
 import json
 import math
 import pickle
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,6 +20,8 @@ from torch import nn
 
 import config
 import training
+from augmentations import BatchAugment
+from data_loading import DeviceLoader
 from model import SimpleCNN
 from training import (
     DivergenceError,
@@ -533,3 +538,350 @@ def test_cuda_compiled_training_keeps_plain_state_dict_keys(tmp_path):
     fit(net, *loaders(n=64, batch_size=32), cfg, "cuda", checkpoint_path=tmp_path / "c.pt")
     saved = torch.load(tmp_path / "c.pt", weights_only=True)
     assert set(saved["model"]) == set(SimpleCNN().state_dict())
+
+
+# --- autocast around the model only -------------------------------------------------------------
+
+
+class RecordingLoader:
+    """Passes a loader's batches through and keeps a copy of each x it yielded."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, []
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            self.batches.append(x.clone())
+            yield x, y
+
+
+def augmenting_loader():
+    """Stage 5 (warps, blur, erasing) on every image: bf16 autocast around it changes its values."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (48,), generator=gen)
+    augment = BatchAugment("stage5_occlusion", 1.0, config.SVHN_MEAN, config.SVHN_STD)
+    return DeviceLoader(images, labels, 16, config.SVHN_MEAN, config.SVHN_STD, augment=augment, seed=3)
+
+
+@pytest.mark.parametrize("loop", ["predict", "eval_epoch", "train_epoch"])
+def test_autocast_wraps_the_model_only_so_batches_stay_float32(monkeypatch, loop):
+    # CPU bf16 autocast stands in for CUDA's: the loops must run the model in it, never the loader.
+    monkeypatch.setitem(training.AUTOCAST_DTYPES, "cpu", torch.bfloat16)
+    net = SimpleCNN()
+    out_dtypes = []
+    net.classifier.register_forward_hook(lambda module, inputs, output: out_dtypes.append(output.dtype))
+    loader = RecordingLoader(augmenting_loader())
+    if loop == "predict":
+        logits = predict(net, loader, "cpu")[2]
+        assert logits.dtype == torch.float32
+    elif loop == "eval_epoch":
+        assert math.isfinite(eval_epoch(net, loader, "cpu")["loss"])
+    else:
+        train_epoch(net, loader, build_optimizer(net, tiny_cfg()), "cpu")
+    assert set(out_dtypes) == {torch.bfloat16}  # the model did run under autocast
+    direct = [x for x, _ in augmenting_loader()]  # the same batches, iterated outside any autocast
+    assert len(loader.batches) == len(direct) == 3
+    for seen, expected in zip(loader.batches, direct, strict=True):
+        assert seen.dtype == torch.float32
+        assert torch.equal(seen, expected)
+
+
+def test_autocast_is_bf16_on_cuda_and_float32_on_mps_and_cpu():
+    assert training.autocast_dtype("cuda") == torch.bfloat16
+    assert training.autocast_dtype("mps") is None and training.autocast_dtype("cpu") is None
+
+
+# --- torch.compile sees one shape ----------------------------------------------------------------
+
+
+class AfterFirstBatch:
+    """Calls ``hook()`` when the second batch is asked for, i.e. once the first step has run."""
+
+    def __init__(self, loader, hook):
+        self.loader, self.hook, self.calls = loader, hook, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == 1 and self.calls == 0:
+                self.calls += 1
+                self.hook()
+            yield batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+@pytest.fixture
+def counting_compile(monkeypatch):
+    """torch.compile with a backend that counts compiled graphs and runs them eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counter))
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def test_compiled_training_never_recompiles_after_its_first_step(counting_compile):
+    # 72 training images in batches of 16: the last batch of every epoch holds 8; validation has 40
+    # images in batches of 32 (another partial batch).
+    x, y = learnable_data(72)
+    xv, yv = learnable_data(40, seed=1)
+    after_warmup = []
+    train = AfterFirstBatch(TinyLoader(x, y, 16), lambda: after_warmup.append(counting_compile.frame_count))
+    cfg = dataclasses.replace(tiny_cfg(epochs=3), compile=True)
+    result = fit(tiny_net(), train, TinyLoader(xv, yv, 32, shuffle=False), cfg, "cpu", quiet=True)
+    assert len(result["history"]) == 3
+    assert after_warmup[0] >= 1  # the model was compiled in the first step
+    assert counting_compile.frame_count == after_warmup[0]  # and never again
+
+
+def test_drop_partial_trains_on_full_batches_only():
+    x, y = learnable_data(40)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]  # 16, 16, 8 images
+    net = tiny_net()
+    stats = train_epoch(net, batches, build_optimizer(net, tiny_cfg()), "cpu", drop_partial=True)
+    assert stats["images"] == 32
+    assert train_epoch(net, batches, build_optimizer(net, tiny_cfg()), "cpu")["images"] == 40
+
+
+def test_compiled_fit_schedules_only_the_steps_it_takes():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (72, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    loader = DeviceLoader(images, torch.arange(72) % 10, 16, config.SVHN_MEAN, config.SVHN_STD)
+    assert training._steps_per_epoch(loader, drop_partial=True) == 4
+    assert training._steps_per_epoch(loader, drop_partial=False) == len(loader) == 5
+
+
+# --- devices: CUDA, MPS, CPU ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert config.resolve_device("auto") == expected
+    assert config.resolve_device("cpu") == "cpu"
+
+
+def test_synchronize_waits_on_cuda_and_mps_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    training.synchronize("cpu")
+    assert calls == []
+    training.synchronize("mps")
+    training.synchronize(torch.device("cuda", 1))
+    assert calls == [("mps", None), ("cuda", torch.device("cuda", 1))]
+
+
+def test_device_label_names_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU 80GB")
+    assert training.device_label("cuda") == "Test GPU 80GB"
+    assert training.device_label("mps") == "Apple MPS"
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        cpuinfo = ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    assert training.device_label("cpu") == (names[0] if names else training.device_label("cpu"))
+    assert training.device_label("cpu")
+
+
+def test_checkpoint_saves_and_restores_the_mps_generator(monkeypatch, tmp_path):
+    saved_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": saved_state.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": restored.append(state))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    net, cfg = tiny_net(), tiny_cfg()
+    optimizer = build_optimizer(net, cfg)
+    state = training.RunState(epoch=1, best_state=training.cpu_state(net), best_epoch=1, best_f1=0.5)
+    path = training.save_checkpoint(tmp_path / "run.ckpt", cfg, net, optimizer, None, state, ([], []),
+                                    torch.device("mps"))
+    loaded = training.load_checkpoint(path, cfg, tiny_net(seed=1), build_optimizer(net, cfg), None, ([], []))
+    assert (loaded.epoch, loaded.best_epoch, loaded.best_f1) == (1, 1, 0.5)
+    assert len(restored) == 1 and torch.equal(restored[0], saved_state)
+
+
+# --- watching a run -----------------------------------------------------------------------------
+
+
+def test_fit_prints_one_line_per_epoch_by_default(capsys):
+    fit(tiny_net(), *loaders(), tiny_cfg(epochs=2), "cpu")
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    for line in lines:
+        assert "loss " in line and "val macro-F1 " in line and "img/s " in line and "ETA " in line
+    assert lines[-1].endswith("ETA 0m00s")
+
+
+@pytest.mark.parametrize("silence", [{"quiet": True}, {"progress": False}])
+def test_quiet_fit_prints_nothing(capsys, silence):
+    fit(tiny_net(), *loaders(), tiny_cfg(epochs=2), "cpu", **silence)
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_epoch_line_formats_the_record():
+    record = {"epoch": 3, "train_loss": 0.41234, "val_f1_macro": 0.87101, "train_images_per_s": 12345.6}
+    assert (training.epoch_line(record, 15, 65.2)
+            == "epoch 3/15  loss 0.4123  val macro-F1 0.8710  img/s 12,346  ETA 1m05s")
+    assert training.epoch_line(record, 15, 3 * 3600 + 120).endswith("ETA 3h02m")
+
+
+def read_csv_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_csv_matches(rows, history):
+    assert len(rows) == len(history)
+    for row, record in zip(rows, history, strict=True):
+        assert set(row) == set(record)
+        assert int(row["epoch"]) == record["epoch"]
+        for key, value in record.items():
+            assert float(row[key]) == pytest.approx(value, rel=1e-12), key
+
+
+def test_metrics_csv_holds_one_row_per_epoch_matching_the_history(tmp_path):
+    path = tmp_path / "logs" / "metrics.csv"
+    result = fit(tiny_net(), *loaders(), tiny_cfg(epochs=3), "cpu", quiet=True, metrics_csv=path)
+    assert_csv_matches(read_csv_rows(path), result["history"])
+
+
+def test_metrics_csv_of_a_resumed_run_holds_every_epoch(tmp_path):
+    path, ckpt = tmp_path / "metrics.csv", tmp_path / "run.ckpt"
+    cfg = tiny_cfg(epochs=3)
+    with pytest.raises(Crash):
+        fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True, checkpoint_path=ckpt, metrics_csv=path,
+            on_epoch_end=crash_after_epoch(2))
+    assert len(read_csv_rows(path)) == 2
+    result = fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True, checkpoint_path=ckpt, metrics_csv=path)
+    assert_csv_matches(read_csv_rows(path), result["history"])
+
+
+class FakeSummaryWriter:
+    instances = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeSummaryWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_gets_every_record_when_installed(monkeypatch, tmp_path):
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    FakeSummaryWriter.instances.clear()
+    result = fit(tiny_net(), *loaders(), tiny_cfg(epochs=2), "cpu", quiet=True, tensorboard_dir=tmp_path / "tb")
+    (writer,) = FakeSummaryWriter.instances
+    assert writer.closed and writer.log_dir == str(tmp_path / "tb")
+    expected = [(key, value, record["epoch"]) for record in result["history"]
+                for key, value in record.items() if key != "epoch"]
+    assert writer.scalars == expected
+
+
+def test_tensorboard_is_skipped_silently_when_missing(monkeypatch, tmp_path, recwarn):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    result = fit(tiny_net(), *loaders(), tiny_cfg(epochs=1), "cpu", quiet=True, tensorboard_dir=tmp_path / "tb")
+    assert len(result["history"]) == 1 and len(recwarn) == 0
+    assert not (tmp_path / "tb").exists()
+
+
+# --- damaged checkpoints --------------------------------------------------------------------------
+
+
+def crash_after_epoch(last):
+    def stop(epoch, record):
+        if epoch == last:
+            raise Crash
+
+    return stop
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_checkpoint_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        fit(tiny_net(), *loaders(), tiny_cfg(epochs=3), "cpu", quiet=True, checkpoint_path=path,
+            on_epoch_end=crash_after_epoch(2))
+    latest = torch.load(path, weights_only=True)
+    previous = torch.load(training.previous_checkpoint_path(path), weights_only=True)
+    assert (latest["epoch"], previous["epoch"]) == (2, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt", "run.ckpt.prev"]
+    training.remove_checkpoint(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.3, 0.99])
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, keep):
+    cfg = tiny_cfg(epochs=3)
+    full_net = tiny_net()
+    full = fit(full_net, *loaders(), cfg, "cpu", quiet=True)
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True, checkpoint_path=path,
+            on_epoch_end=crash_after_epoch(2))
+    truncate(path, keep)
+    resumed_net = tiny_net(seed=7)
+    with pytest.warns(RuntimeWarning, match="cannot be read") as caught:
+        resumed = fit(resumed_net, *loaders(), cfg, "cpu", quiet=True, checkpoint_path=path)
+    assert any("previous checkpoint" in str(w.message) for w in caught)
+    assert resumed["resumed_from_epoch"] == 1  # epoch 2 is trained again
+    assert without_timing(resumed["history"]) == without_timing(full["history"])
+    assert all(torch.equal(a, b) for a, b in zip(resumed_net.state_dict().values(),
+                                                 full_net.state_dict().values(), strict=True))
+
+
+def test_a_run_with_no_readable_checkpoint_restarts_with_a_warning(tmp_path):
+    cfg = tiny_cfg(epochs=2)
+    full = fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True)
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True, checkpoint_path=path,
+            on_epoch_end=crash_after_epoch(2))
+    truncate(path)
+    truncate(training.previous_checkpoint_path(path), keep=0.1)
+    with pytest.warns(RuntimeWarning, match="restarts from its first epoch"):
+        again = fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True, checkpoint_path=path)
+    assert again["resumed_from_epoch"] == 0
+    assert without_timing(again["history"]) == without_timing(full["history"])
+    assert torch.load(path, weights_only=True)["epoch"] == 2  # the damaged files were replaced
+
+
+def test_a_crash_between_the_two_renames_resumes_from_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        fit(tiny_net(), *loaders(), tiny_cfg(epochs=3), "cpu", quiet=True, checkpoint_path=path,
+            on_epoch_end=crash_after_epoch(2))
+    path.unlink()  # the latest was moved to .prev and the new one not yet renamed into place
+    with pytest.warns(RuntimeWarning, match="previous checkpoint"):
+        resumed = fit(tiny_net(), *loaders(), tiny_cfg(epochs=3), "cpu", quiet=True, checkpoint_path=path)
+    assert resumed["resumed_from_epoch"] == 1
