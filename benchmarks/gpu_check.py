@@ -93,7 +93,7 @@ STEPS = (
 
 BUDGET_S = {False: 350, True: 240}  # the whole run, preflight included (key: --dry)
 PACKING_RESERVE_S = 5  # kept back from the last step for the final summary and archive
-MIN_STEP_S = 5  # a step that would get less is skipped
+MIN_STEP_S = 5  # no step starts with less of the budget left
 KILL_GRACE_S = 3  # between SIGTERM and SIGKILL of a timed-out step's process group
 PREFLIGHT_LIMIT_S, INSTALL_LIMIT_S = 90, 120
 ARCHIVE, SUMMARY = "gpu_check.tar.gz", "summary.json"
@@ -148,14 +148,18 @@ def run_logged(command: list[str], cwd: Path, env: dict, limit_s: float, log_pat
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()
+        # Its own process group (to stop it whole), in our session (so that it ends with ours).
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, process_group=0)
         try:
             code = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             stop_group(proc)
             log.write(f"\n[stopped after its limit of {limit_s:.0f} s]\n".encode())
             return None
+        except BaseException:  # Ctrl-C or SIGTERM of the driver: the step goes too
+            stop_group(proc)
+            raise
         try:  # leftovers of a finished step (a worker that outlived its parent) go too
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -174,12 +178,11 @@ def import_report(env: dict, cwd: Path, log_path: Path) -> dict:
     """Import every package and project module in a fresh interpreter: {"imports": {name: error or None},
     "torch", "cuda", "device"}; {"error": ...} when the interpreter gave no report."""
     modules = [*PACKAGES, *sorted(path.stem for path in ROOT.glob("*.py"))]
-    report_path = log_path.with_suffix(".out")
-    code = run_logged([sys.executable, "-c", PREFLIGHT_CODE, *modules], cwd, env, PREFLIGHT_LIMIT_S, report_path)
-    text = report_path.read_text(errors="replace")
-    report_path.unlink()
-    with open(log_path, "a") as log:
-        log.write(text)
+    offset = log_path.stat().st_size if log_path.exists() else 0  # the log holds every preflight pass
+    code = run_logged([sys.executable, "-c", PREFLIGHT_CODE, *modules], cwd, env, PREFLIGHT_LIMIT_S, log_path)
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        text = log.read().decode(errors="replace")
     lines = [line for line in text.splitlines() if line.startswith(PREFLIGHT_MARK)]
     if not lines:
         status = f"exit {code}" if code is not None else f"no answer within {PREFLIGHT_LIMIT_S} s"
@@ -387,6 +390,9 @@ def print_entry(entry: dict) -> None:
           flush=True)
     for line in entry.get("log_tail", []):
         print(f"   {line}")
+    for name, found in entry.get("files", {}).items():
+        print(f"   {name}: " + ", ".join(f"{path} {value:.4g}" if isinstance(value, float) else f"{path} {value}"
+                                       for path, value in found.items()))
 
 
 # ----------------------------------------------------------------------------- environment step
@@ -488,6 +494,7 @@ def start_run(args: argparse.Namespace, base: Path, steps: list[Step]) -> CheckR
 
 
 def check(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the running step is stopped too
     steps = [step for step in STEPS if not args.steps or step.name in args.steps]
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         run = start_run(args, Path(tmp), steps)
