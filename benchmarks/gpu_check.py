@@ -69,27 +69,27 @@ PYTEST_CUDA = ("-m", "pytest", "-q", "-k", "cuda and not compiled")
 CUDA_TEST_FILES = ("tests/test_fast_path.py", "tests/test_training.py", "tests/test_augmentations.py")
 
 # The steps, in order; the GPU limits sum to 330 s, so that with the preflight the whole stays under
-# 6 minutes (two runs fit in 15 minutes of device time).
+# 6 minutes (two runs fit in 15 minutes of device time). The least predictable (compilation) goes last.
 #   env               torch, CUDA and the GPU (nvidia-smi), package versions
 #   augment           per-sample torchvision vs BatchAugment on the GPU, every stage
 #   training          original pipeline vs fast path, SimpleCNN and ResNet18Cifar, stage 5: images/s,
 #                     host syncs per step (and launches per step where bench_training.py reports them)
-#   training_compile  the same with the fast path under torch.compile too (compilation included)
 #   memory            SVHN train + extra (604,388 uint8 images) resident, ResNet18Cifar at batch 1024
-#   study             full-study prediction for SVHN sizes, and a scaled-down study run against its prediction
 #   tests             the CUDA tests (the compiled one aside: training_compile measures torch.compile)
+#   study             full-study prediction for SVHN sizes, and a scaled-down study run against its prediction
+#   training_compile  training again, with the fast path under torch.compile too (compilation included)
 STEPS = (
-    #    name               limit  GPU command                                     dry limit, dry command
+    #    name       GPU limit, command                                 dry limit, dry command (CPU, tiny sizes)
     Step("env", 10, (SELF, "--environment", "{json}"), 60, (SELF, "--environment", "{json}")),
-    Step("augment", 35, (AUGMENT, "--device", "cuda", "--n", "1024"),
+    Step("augment", 30, (AUGMENT, "--device", "cuda", "--n", "1024"),
          120, (AUGMENT, "--device", "cpu", "--n", "64", "--batch-size", "32")),
     Step("training", 50, (TRAINING, "--device", "cuda"),
          180, (TRAINING, "--quick", "--device", "cpu", "--models", "simplecnn", "--no-layout")),
-    Step("training_compile", 100, (TRAINING, "--device", "cuda", "--compile")),  # --compile acts on CUDA only
     Step("memory", 35, (TRAINING, "--memory")),
+    Step("tests", 30, (*PYTEST_CUDA, *CUDA_TEST_FILES), 120, (*PYTEST_CUDA, CUDA_TEST_FILES[0])),
     Step("study", 70, (STUDY, "--device", "cuda", "--sizes", "svhn", "--validate",  # minutes on a CPU
                        "--n-train", "5000", "--n-test", "1000", "--resnet-n-train", "5000")),
-    Step("tests", 30, (*PYTEST_CUDA, *CUDA_TEST_FILES), 120, (*PYTEST_CUDA, CUDA_TEST_FILES[0])),
+    Step("training_compile", 105, (TRAINING, "--device", "cuda", "--compile")),  # --compile acts on CUDA only
 )
 
 BUDGET_S = {False: 350, True: 600}  # the whole run, preflight included (key: --dry)
