@@ -71,6 +71,13 @@ def test_two_versions_of_one_wheel_are_caught_before_pip_runs():
     assert gpu_check.duplicate_wheels(wheels) == ["mako"]
 
 
+def test_without_cuda_only_the_dry_run_may_go_on():
+    report = {"imports": {"torch": None, "optuna": None}, "torch": "2.11.0", "cuda": False, "device": None}
+    problem = gpu_check.preflight_problem(report, dry=False, wheels_dir=Path(".whl"), installed=[])
+    assert "torch 2.11.0 sees no CUDA device" in problem and "--dry" in problem
+    assert gpu_check.preflight_problem(report, dry=True, wheels_dir=Path(".whl"), installed=[]) is None
+
+
 @pytest.mark.parametrize("limit", ["nosuchstep=5", "training=0", "training=soon"])
 def test_a_bad_limit_is_refused_with_the_step_names(limit, capsys):
     with pytest.raises(SystemExit):
