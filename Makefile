@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	MPLBACKEND=Agg $(PY) benchmarks/bench_augment.py
 	MPLBACKEND=Agg $(PY) benchmarks/bench_training.py
+
+# Wheels for the GPU machine (benchmarks/wheels.txt), which has no package index: CPython 3.12 on x86-64
+# Linux, whatever this machine is. Only pip is needed, not the venv. Emptied first: one version of each.
+WHEELS := .whl
+WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux1_x86_64
+gpu-wheels:
+	rm -rf $(WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(WHEEL_PLATFORMS)) -d $(WHEELS) -r benchmarks/wheels.txt
+	@ls -l $(WHEELS) && du -sh $(WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
