@@ -7,8 +7,6 @@ directory is created here (callers create what they write into).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import types
@@ -53,12 +51,9 @@ STAGES = (
 # The same stages without the horizontal flip (published SVHN recipes never mirror digits).
 NOFLIP_SUFFIX = "_noflip"
 NOFLIP_STAGES = tuple(f"{stage}{NOFLIP_SUFFIX}" for stage in STAGES[1:])
-# torchvision's learned policies; they run through the per-sample path only.
+# torchvision's learned policies (batched by BatchAugment; per sample in the original DataLoader path).
 POLICY_STAGES = ("autoaugment_svhn", "randaugment", "trivialaugment")
 ALL_STAGES = STAGES + NOFLIP_STAGES + POLICY_STAGES
-
-# Names added at run time by augmentations.register_stage (a user's own stages).
-CUSTOM_STAGES: set[str] = set()
 
 P_AUG_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 PRESET_NAMES = ("original", "strong")  # settings in PRESETS below
@@ -142,13 +137,6 @@ class TrainConfig:
         ignored += ["num_workers"] if self.loader == "device" else []
         ignored += ["kd_temperature", "kd_alpha"] if self.teacher is None else []
         return {name: value for name, value in fields.items() if name not in ignored}
-
-    def run_id(self) -> str:
-        """A readable, unique key of the configuration (identical runs share it)."""
-        cfg = self.effective()
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-        kind = "kd-" if cfg.teacher else ""
-        return f"{cfg.dataset}-{kind}{cfg.model}-{cfg.stage}-p{cfg.p_aug:g}-s{cfg.seed}-{digest}"
 
 
 # Smallest subsets that leave every class a few validation and test images.

@@ -89,9 +89,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of every subcommand that trains: device, progress and corruption severities."""
+    """Flags of every subcommand that trains: device, quietness and corruption severities."""
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (the first available)")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines (one line per epoch by default)")
     parser.add_argument("--severities", nargs="*", type=int, choices=(1, 2, 3), default=list(runs.DEFAULT_SEVERITIES),
                         help="corruption severities of the robustness evaluation (none: skip it)")
 
@@ -106,11 +106,9 @@ def add_queue_flags(parser: argparse.ArgumentParser, default_queue: str | None) 
 
 
 def cmd_run(args) -> None:
-    report = runs.run(config_from_args(args), device=args.device, progress=args.progress,
+    report = runs.run(config_from_args(args), device=args.device, quiet=args.quiet,
                       severities=tuple(args.severities))
-    ci = report["test_f1_macro_ci"]
-    print(f"{report['run_id']}: test macro-F1 {report['test']['f1_macro']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}], "
-          f"accuracy {report['test']['accuracy']:.4f}, corruption macro-F1 {report['robustness']['mean_f1_macro']}")
+    print(reports.run_summary_line(report))
     print(f"report: {runs.report_path(report['run_id'])}")
 
 
@@ -118,14 +116,14 @@ def cmd_grid(args) -> None:
     stages = [s + config.NOFLIP_SUFFIX if args.no_hflip and s in config.STAGES[1:] else s for s in args.stages]
     done = pipeline.grid(args.models, stages, args.p_augs, args.seeds, base=config_from_args(args),
                          storage=args.storage, queue_name=args.queue, workers=args.workers, device=args.device,
-                         progress=args.progress, heartbeat=args.heartbeat, severities=tuple(args.severities))
+                         quiet=args.quiet, heartbeat=args.heartbeat, severities=tuple(args.severities))
     ids = {r["run_id"] for r in done}
     frame = reports.load_reports()
     print(reports.summary_markdown(reports.summarize(frame[frame["run_id"].isin(ids)])))
 
 
 def cmd_worker(args) -> None:
-    ran = pipeline.worker(args.storage, args.queue, device=args.device, progress=args.progress,
+    ran = pipeline.worker(args.storage, args.queue, device=args.device, quiet=args.quiet,
                           heartbeat=args.heartbeat)
     print(f"worker ran {ran} cell(s)")
 
@@ -136,13 +134,13 @@ def cmd_status(args) -> None:
 
 def cmd_tune(args) -> None:
     tuning = pipeline.tune(args.n_trials, base=config_from_args(args), epochs=args.trial_epochs,
-                           storage=args.storage, queue_name=args.queue, device=args.device, progress=args.progress)
+                           storage=args.storage, queue_name=args.queue, device=args.device, quiet=args.quiet)
     print(f"best trial {tuning.best_trial.number}: val macro-F1 {tuning.best_value:.4f} {tuning.best_params}")
 
 
 def cmd_distill(args) -> None:
     table = pipeline.distill(args.teacher, args.student, args.temperature, args.alpha, epochs=args.epochs,
-                             dataset=args.dataset, device=args.device, progress=args.progress,
+                             dataset=args.dataset, device=args.device, quiet=args.quiet,
                              severities=tuple(args.severities))
     print(json.dumps(table, indent=2))
 
@@ -170,7 +168,7 @@ def cmd_eda(args) -> None:
 
 def cmd_study(args) -> None:
     print(pipeline.run_study(args.dataset, args.quick, device=args.device, storage=args.storage,
-                             workers=args.workers, progress=args.progress, heartbeat=args.heartbeat))
+                             workers=args.workers, quiet=args.quiet, heartbeat=args.heartbeat))
 
 
 # ---------------------------------------------------------------- the parser
@@ -233,7 +231,7 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--storage", help="queue storage (default: reports/optuna.journal)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (one line per epoch by default)")
     _heartbeat_flag(p)
 
 
@@ -241,7 +239,7 @@ def _add_queue_and_report_commands(sub) -> None:
     p = _subcommand(sub, "worker", cmd_worker, "take waiting cells from a queue until none is left")
     add_queue_flags(p, reports.DEFAULT_QUEUE_NAME)
     p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (one line per epoch by default)")
     _heartbeat_flag(p)
 
     p = _subcommand(sub, "status", cmd_status, "count the cells of a queue per state")

@@ -10,16 +10,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
+import pandas as pd
 
 import config
 from atomic_io import atomic_write_json
 from config import ConfigError, TrainConfig
 from data_loading import prepare_data
-from reports import DEFAULT_QUEUE_NAME, comparison_row, figures, load_reports, save_tuning_figures, write_summary
-from runs import DEFAULT_SEVERITIES, parse_digits, read_report, report_path, run, train_model
-from stats import compare_to_baseline, format_estimate, seed_summary
+from reports import (
+    DEFAULT_QUEUE_NAME,
+    comparison_row,
+    figures,
+    load_reports,
+    same_test_labels,
+    save_tuning_figures,
+    write_summary,
+)
+from runs import (
+    DEFAULT_SEVERITIES,
+    best_val_f1,
+    canonical_config,
+    parse_digits,
+    read_report,
+    report_path,
+    run,
+    run_id,
+    train_model,
+)
+from stats import compare_groups, format_estimate, seed_summary
 from training import DivergenceError
-from work_queue import default_storage, enqueue_cells, fail_interrupted_trials, open_storage, run_worker
+from work_queue import create_tuning_study, default_storage, enqueue_cells, open_storage, run_worker
 
 TUNE_QUEUE_NAME = "tuning"  # prefixed with the dataset: "<dataset>-tuning"
 
@@ -36,20 +55,20 @@ def grid_configs(models, stages, p_augs, seeds, base: TrainConfig) -> list[Train
             for p_aug in p_augs:
                 for seed in seeds:
                     cfg = dataclasses.replace(base, model=model, stage=stage, p_aug=float(p_aug), seed=seed)
-                    configs.setdefault(cfg.run_id(), cfg.effective())
+                    configs.setdefault(run_id(cfg), canonical_config(cfg))
     return list(configs.values())
 
 
 def enqueue_grid(configs: list[TrainConfig], storage: str, queue_name: str,
                  severities=DEFAULT_SEVERITIES) -> int:
     """Put every configuration in the queue once (from this one process); returns how many were new."""
-    cells = [{"cell_key": cfg.run_id(), "config": dataclasses.asdict(cfg), "severities": list(severities)}
+    cells = [{"cell_key": run_id(cfg), "config": dataclasses.asdict(cfg), "severities": list(severities)}
              for cfg in configs]
     return enqueue_cells(open_storage(storage), queue_name, cells)
 
 
 def worker(storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME, *, device: str = "auto",
-           progress: bool = False, heartbeat: float = 30.0) -> int:
+           quiet: bool = False, heartbeat: float = 30.0) -> int:
     """Take waiting cells from the queue and run them until none is left; returns cells run.
 
     A cell whose worker stops sending heartbeats for 4 x ``heartbeat`` seconds is retried by
@@ -57,7 +76,7 @@ def worker(storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME, *, 
     never trains twice.
     """
     def execute(cell: dict) -> dict:
-        return run(TrainConfig(**cell["config"]), device=device, progress=progress,
+        return run(TrainConfig(**cell["config"]), device=device, quiet=quiet,
                    severities=tuple(cell["severities"]))
 
     return run_worker(open_storage(storage or default_storage()), queue_name, execute,
@@ -67,7 +86,7 @@ def worker(storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME, *, 
 def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GRID, seeds=(42,), *,
          base: TrainConfig | None = None, storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME,
          workers: int = 1, device: str = "auto", severities=DEFAULT_SEVERITIES,
-         progress: bool = False, heartbeat: float = 30.0) -> list[dict]:
+         quiet: bool = False, heartbeat: float = 30.0) -> list[dict]:
     """Run a models x stages x p_augs x seeds grid through the queue; returns the reports.
 
     ``workers > 1`` starts that many worker processes on this machine; more workers on other
@@ -78,7 +97,7 @@ def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GR
     storage = storage or default_storage()
     enqueue_grid(configs, storage, queue_name, severities)
     if workers <= 1:
-        worker(storage, queue_name, device=device, progress=progress, heartbeat=heartbeat)
+        worker(storage, queue_name, device=device, quiet=quiet, heartbeat=heartbeat)
     else:
         prepare_data(configs[0])  # generate / cache the data once, before the workers race for it
         _run_worker_processes(workers, storage, queue_name, device, heartbeat)
@@ -95,11 +114,11 @@ def _run_worker_processes(workers: int, storage: str, queue_name: str, device: s
 
 
 def _collect_reports(configs: list[TrainConfig]) -> list[dict]:
-    missing = [cfg.run_id() for cfg in configs if not report_path(cfg.run_id()).exists()]
+    missing = [run_id(cfg) for cfg in configs if not report_path(run_id(cfg)).exists()]
     if missing:
         raise RuntimeError(f"{len(missing)} cell(s) did not finish: {missing[:5]}...; see the queue's "
                            "failed trials (python experiments.py status) and run a worker again")
-    return [read_report(report_path(cfg.run_id())) for cfg in configs]
+    return [read_report(report_path(run_id(cfg))) for cfg in configs]
 
 
 # ---------------------------------------------------------------- Optuna tuning
@@ -121,7 +140,7 @@ def suggest_config(trial: optuna.Trial, base: TrainConfig, epochs: int) -> Train
 
 def tune(n_trials: int = 40, *, base: TrainConfig | None = None, epochs: int = 3, storage: str | None = None,
          queue_name: str | None = None, device: str = "auto", seed: int = 42,
-         progress: bool = False) -> optuna.Study:
+         quiet: bool = False) -> optuna.Study:
     """TPE over lr, weight decay, p_aug and scheduler with a median pruner; resumable.
 
     ``n_trials`` is the total wanted in the study: a resumed study only runs the rest.
@@ -130,22 +149,16 @@ def tune(n_trials: int = 40, *, base: TrainConfig | None = None, epochs: int = 3
     """
     base = base or config.preset_config("original", model="resnet18", stage="stage1_basic")
     device = config.resolve_device(device)
-    tuning = optuna.create_study(
-        study_name=queue_name or f"{base.dataset}-{TUNE_QUEUE_NAME}",
-        storage=open_storage(storage or default_storage()), direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(n_warmup_steps=1),
-        load_if_exists=True,
-    )
-    fail_interrupted_trials(tuning)
+    tuning = create_tuning_study(queue_name or f"{base.dataset}-{TUNE_QUEUE_NAME}", storage or default_storage(), seed)
     finished = [t for t in tuning.trials if t.state.is_finished()]
     remaining = max(0, n_trials - len(finished))
     if remaining:
-        tuning.optimize(_objective(base, epochs, device, progress), n_trials=remaining, catch=(DivergenceError,))
+        tuning.optimize(_objective(base, epochs, device, quiet), n_trials=remaining, catch=(DivergenceError,))
     save_tuning_figures(tuning, base.dataset)
     return tuning
 
 
-def _objective(base: TrainConfig, epochs: int, device: str, progress: bool) -> Callable[[optuna.Trial], float]:
+def _objective(base: TrainConfig, epochs: int, device: str, quiet: bool) -> Callable[[optuna.Trial], float]:
     """Best validation macro-F1 of a trial's run; reported every epoch so the pruner can stop it."""
     def objective(trial: optuna.Trial) -> float:
         cfg = suggest_config(trial, base, epochs)
@@ -156,7 +169,7 @@ def _objective(base: TrainConfig, epochs: int, device: str, progress: bool) -> C
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         try:
-            trained = train_model(cfg, device, progress=progress, on_epoch_end=report_epoch)
+            trained = train_model(cfg, device, quiet=quiet, on_epoch_end=report_epoch)
         except DivergenceError as err:
             trial.set_user_attr("failure_reason", str(err))
             raise
@@ -177,19 +190,20 @@ def best_tuned_config(tuning: optuna.Study, base: TrainConfig, epochs: int) -> T
 
 
 def best_run_id(model: str = "resnet18", dataset: str | None = None) -> str:
-    """The finished run of ``model`` (trained alone) with the highest test macro-F1."""
+    """The finished run of ``model`` (trained alone) with the highest VALIDATION macro-F1: a teacher
+    chosen on the test set would carry the test set's luck into the distillation comparison."""
     frame = load_reports()
-    runs = frame[(frame["model"] == model) & frame["teacher"].isna()] if not frame.empty else frame
-    if dataset is not None and not runs.empty:
-        runs = runs[runs["dataset"] == dataset]
-    if runs.empty:
+    runs_ = frame[(frame["model"] == model) & frame["teacher"].isna()] if not frame.empty else frame
+    if dataset is not None and not runs_.empty:
+        runs_ = runs_[runs_["dataset"] == dataset]
+    if runs_.empty:
         raise ConfigError(f"no finished {model} run to use as teacher; train one first (e.g. the grid)")
-    return runs.sort_values("f1_macro", ascending=False).iloc[0]["run_id"]
+    return max(runs_["report"], key=best_val_f1)["run_id"]
 
 
 def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, alpha: float = 0.7, *,
             epochs: int | None = None, dataset: str | None = None, device: str = "auto",
-            progress: bool = False, severities=DEFAULT_SEVERITIES) -> dict:
+            quiet: bool = False, severities=DEFAULT_SEVERITIES) -> dict:
     """Train ``student`` from a frozen teacher (same augmented batch), and the same student alone.
 
     Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE. Writes
@@ -204,11 +218,17 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
     student_cfg = dataclasses.replace(teacher_cfg, model=student, teacher=teacher_id, kd_temperature=T,
                                       kd_alpha=alpha, epochs=epochs or teacher_cfg.epochs)
     alone_cfg = dataclasses.replace(student_cfg, teacher=None)
-    reports = {"teacher": teacher_report,
-               "distilled student": run(student_cfg, device=device, progress=progress, severities=severities),
-               "student alone": run(alone_cfg, device=device, progress=progress, severities=severities)}
-    table = {"dataset": teacher_cfg.dataset, "teacher": teacher_id, "T": T, "alpha": alpha,
-             "rows": [comparison_row(name, report) for name, report in reports.items()]}
+    alone = run(alone_cfg, device=device, quiet=quiet, severities=severities)
+    table = {"dataset": teacher_cfg.dataset, "teacher": teacher_id, "T": T, "alpha": alpha, "note": None}
+    teacher_val, alone_val = best_val_f1(teacher_report), best_val_f1(alone)
+    if teacher_val <= alone_val:  # nothing to transfer: say so rather than train a pointless student
+        table["note"] = (f"distillation skipped: the teacher's validation macro-F1 ({teacher_val:.3f}) does not "
+                         f"beat the student trained alone ({alone_val:.3f})")
+        reports_ = {"teacher": teacher_report, "student alone": alone}
+    else:
+        distilled = run(student_cfg, device=device, quiet=quiet, severities=severities)
+        reports_ = {"teacher": teacher_report, "distilled student": distilled, "student alone": alone}
+    table["rows"] = [comparison_row(name, report) for name, report in reports_.items()]
     atomic_write_json(config.REPORTS_DIR / "distillation.json", table)
     return table
 
@@ -218,26 +238,29 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
 
 def compare_presets(presets=("original", "strong"), *, seeds=(0, 1), dataset: str = "synthetic",
                     device: str = "auto", **sizes) -> dict:
-    """Train each preset with the same data, sizes and seeds; a paired test on the same test
-    images says whether the last preset beats the first. Written to reports/presets.json."""
-    reports = {name: [run(config.preset_config(name, dataset=dataset, seed=seed, **sizes), device=device)
-                      for seed in seeds] for name in presets}
-    y_true = parse_digits(reports[presets[0]][0]["test_labels"])
+    """Train each preset with the same data, sizes and seeds; the seed-aware comparison on the same
+    test images says whether the last preset beats the first. Written to reports/presets.json."""
+    reports_ = {name: [run(config.preset_config(name, dataset=dataset, seed=seed, **sizes), device=device)
+                       for seed in seeds] for name in presets}
+    everything = pd.Series([r for group in reports_.values() for r in group])
+    y_true = same_test_labels(everything)
 
     def preds(name):
-        return [parse_digits(r["test_predictions"]) for r in reports[name]]
+        return [parse_digits(r["test_predictions"]) for r in reports_[name]]
 
-    test = compare_to_baseline(y_true, preds(presets[0]), preds(presets[-1]))
+    verdict = compare_groups(y_true, preds(presets[0]), preds(presets[-1]))
     rows = []
     for name in presets:
-        summary = seed_summary([r["test"]["f1_macro"] for r in reports[name]])
+        summary = seed_summary([r["test"]["f1_macro"] for r in reports_[name]])
         rows.append({"preset": name, "f1_macro": format_estimate(summary["mean"], summary["ci_low"],
                                                                  summary["ci_high"]),
-                     "per_seed": [r["test"]["f1_macro"] for r in reports[name]],
-                     "run_ids": [r["run_id"] for r in reports[name]]})
+                     "per_seed": [r["test"]["f1_macro"] for r in reports_[name]],
+                     "run_ids": [r["run_id"] for r in reports_[name]]})
     table = {"dataset": dataset, "sizes": sizes, "seeds": list(seeds), "rows": rows,
-             "difference": {"of": f"{presets[-1]} - {presets[0]}", "diff": test["diff"], "low": test["low"],
-                            "high": test["high"], "p_bootstrap": test["p_value"], "p_mcnemar": test["mcnemar_p"]}}
+             "difference": {"of": f"{presets[-1]} - {presets[0]}", "diff": verdict["diff"], "low": verdict["low"],
+                            "high": verdict["high"], "p_value": verdict["p_value"],
+                            "significant": verdict["significant"], "note": verdict["reason"],
+                            "method": verdict["method"]}}
     atomic_write_json(config.REPORTS_DIR / "presets.json", table)
     return table
 
@@ -309,7 +332,7 @@ def print_step(title: str) -> None:
 
 
 def run_study(dataset: str = "synthetic", quick: bool = False, *, device: str = "auto", storage: str | None = None,
-              workers: int = 1, progress: bool = False, heartbeat: float = 30.0, plan: StudyPlan | None = None,
+              workers: int = 1, quiet: bool = False, heartbeat: float = 30.0, plan: StudyPlan | None = None,
               on_step: Callable[[str], None] = print_step) -> str:
     """What the original notebook did, in order and resumably; returns the summary Markdown.
 
@@ -319,7 +342,7 @@ def run_study(dataset: str = "synthetic", quick: bool = False, *, device: str = 
     """
     plan = plan or study_plan(quick)
     simple, resnet = study_configs(dataset, plan)
-    common = dict(storage=storage, device=device, workers=workers, severities=plan.severities, progress=progress,
+    common = dict(storage=storage, device=device, workers=workers, severities=plan.severities, quiet=quiet,
                   heartbeat=heartbeat)
     on_step("SimpleCNN stage x p_aug grid")
     grid(("simplecnn",), plan.simple_stages, plan.simple_p_augs, plan.seeds, base=simple,
@@ -333,12 +356,12 @@ def run_study(dataset: str = "synthetic", quick: bool = False, *, device: str = 
     on_step("Optuna tuning of ResNet18Cifar")
     tuning_base = dataclasses.replace(resnet, stage="stage1_basic")
     tuning = tune(plan.tune_trials, base=tuning_base, epochs=plan.tune_epochs, storage=storage,
-                  queue_name=study_queue(dataset, quick, TUNE_QUEUE_NAME), device=device, progress=progress)
+                  queue_name=study_queue(dataset, quick, TUNE_QUEUE_NAME), device=device, quiet=quiet)
     on_step("final ResNet18Cifar")
     final = run(best_tuned_config(tuning, tuning_base, plan.final_epochs),
-                device=device, progress=progress, severities=plan.severities)
+                device=device, quiet=quiet, severities=plan.severities)
     on_step("distillation into SimpleCNN")
-    distill(final["run_id"], "simplecnn", epochs=plan.final_epochs, device=device, progress=progress,
+    distill(final["run_id"], "simplecnn", epochs=plan.final_epochs, device=device, quiet=quiet,
             severities=plan.severities)
     on_step("figures and summary")
     frame = load_reports()

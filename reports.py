@@ -10,14 +10,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.visualization import matplotlib as optuna_plots
 
 import config
 import visualization as viz
 from atomic_io import atomic_write_text
 from data_loading import compute_channel_stats, load_split
-from runs import model_path, parse_digits, read_report
-from stats import compare_to_baseline, format_estimate, holm_bonferroni, seed_summary
+from runs import ReportError, best_val_f1, model_path, parse_digits, read_report
+from stats import FAMILY_METHOD, at_chance, chance_band, compare_family, format_estimate, seed_summary, still_improving
 from work_queue import is_storage, open_storage, reports_from_storage
 
 DEFAULT_QUEUE_NAME = "grid"  # the queue a grid uses when none is named
@@ -66,12 +65,26 @@ def report_row(report: dict) -> dict:
         "epochs": cfg["epochs"], "teacher": cfg["teacher"],
         "f1_macro": report["test"]["f1_macro"], "ci_low": ci["low"], "ci_high": ci["high"],
         "accuracy": report["test"]["accuracy"],
-        "corruption_f1": report["robustness"]["mean_f1_macro"],
+        "corruption_f1": _or_nan(report["robustness"]["mean_f1_macro"]),
         "train_images_per_s": report["train_images_per_s"],
         "inference_images_per_s": report["inference_images_per_s"],
         "params": report["params"], "seconds": sum(report["seconds_per_epoch"]),
         "augment_path": report["augment_path"], "finished_at": report["finished_at"], "report": report,
     }
+
+
+def run_summary_line(report: dict) -> str:
+    """One run in a sentence: test macro-F1 with its interval, its budget, and its flags."""
+    ci, flags = report["test_f1_macro_ci"], report["flags"]
+    text = (f"{report['run_id']} ({viz.dataset_label(report['dataset'])}; {run_budget(report)}): test macro-F1 "
+            f"{format_estimate(report['test']['f1_macro'], ci['low'], ci['high'])}")
+    corrupted = report["robustness"]["mean_f1_macro"]
+    text += f", under corruptions {corrupted:.3f}" if corrupted is not None else ""
+    if flags["at_chance"]:
+        text += f" -- AT CHANCE (a random or constant predictor reaches {flags['chance_f1_macro']:.3f})"
+    if flags["still_improving"]:
+        text += " -- still improving at the last epoch (train longer before reading it as final)"
+    return text
 
 
 def run_label(report: dict) -> str:
@@ -92,98 +105,158 @@ def comparison_row(name: str, report: dict) -> dict:
 
 
 def family_key(report: dict) -> str:
-    """Configuration minus stage, p_aug and seed: cells of one family share a baseline."""
+    """Configuration minus stage, p_aug and seed: the cells of one family share a baseline and form
+    one multiple-comparison family (one grid per model and settings, its extra stages included)."""
     cfg = {k: v for k, v in report["config"].items() if k not in CELL_VARYING}
     return json.dumps(cfg, sort_keys=True)
 
 
-def summarize(frame: pd.DataFrame, alpha: float = 0.05, n_boot: int = 1000) -> pd.DataFrame:
-    """One row per cell (stage, p_aug within a family): seeds, mean, CI, and a paired test
-    against the family's no-augmentation baseline on the same test images.
+def budget_text(train_images: int, epochs: int, seeds: int) -> str:
+    """The training budget as figures and tables show it."""
+    return f"{train_images:,} train images, {epochs} epoch(s), {seeds} seed(s)"
 
-    p-values are Holm-corrected over all cells of the table, so a grid of 20 comparisons
-    does not produce a "significant" difference by chance.
+
+def family_label(report: dict) -> str:
+    """A family's short name: model, preset and budget."""
+    cfg = report["config"]
+    return (f"{viz.model_label(cfg['model'])}, {cfg['preset']} preset, lr {cfg['lr']:.3g}, "
+            f"{report['sizes']['train']:,} train images, {cfg['epochs']} epoch(s)")
+
+
+def summarize(frame: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """One row per cell (stage, p_aug within a family): seeds, mean, interval, flags, and the verdict
+    of the seed-aware comparison with the family's no-augmentation baseline (stats.compare_family).
+
+    Each family (same settings but stage, p_aug and seed) is one multiple-comparison family: Holm runs
+    over its tested cells, so a cell's verdict is the same in every table or figure showing it.
     """
     if frame.empty:
         return pd.DataFrame()
     frame = frame.assign(family=[family_key(r) for r in frame["report"]])
     rows = []
-    for (family, _stage, _p_aug), cell in frame.groupby(["family", "stage", "p_aug"], sort=False):
-        base = frame[(frame["family"] == family) & (frame["stage"] == "none")]
-        rows.append(_cell_row(cell, base, n_boot))
-    table = pd.DataFrame(rows)
-    tested = table["p_value"].notna()
-    table["p_holm"] = np.nan
-    table["significant"] = False
-    if tested.any():
-        adjusted = holm_bonferroni(table.loc[tested, "p_value"].to_numpy())
-        table.loc[tested, "p_holm"] = adjusted
-        table.loc[tested, "significant"] = adjusted < alpha
-    return table.sort_values(["dataset", "model", "stage", "p_aug"]).reset_index(drop=True)
+    for _, members in frame.groupby("family", sort=False):
+        rows += _family_rows(members, alpha)
+    return pd.DataFrame(rows).sort_values(["dataset", "model", "family", "stage", "p_aug"]).reset_index(drop=True)
 
 
-def _cell_row(cell: pd.DataFrame, base: pd.DataFrame, n_boot: int) -> dict:
+def _family_rows(members: pd.DataFrame, alpha: float) -> list[dict]:
+    """The cells of one family with their verdicts (cells tested on other images are refused)."""
+    y_true = same_test_labels(members["report"])
+    cells = {key: cell for key, cell in members.groupby(["stage", "p_aug"], sort=False)}
+    base = cells.get(("none", 0.0))
+    verdicts = {}
+    if base is not None:
+        compared = {key: _predictions(cell) for key, cell in cells.items() if key[0] != "none"}
+        verdicts = compare_family(y_true, _predictions(base), compared, alpha=alpha) if compared else {}
+    label = family_label(members.iloc[0]["report"])
+    return [_cell_row(cell, verdicts.get(key), y_true, label) for key, cell in cells.items()]
+
+
+def same_test_labels(reports_: pd.Series) -> list[int]:
+    """The test labels shared by these reports; runs tested on other images cannot be compared."""
+    labels = {r["test_labels"] for r in reports_}
+    if len(labels) != 1:
+        ids = ", ".join(r["run_id"] for r in reports_)
+        raise ReportError(f"runs {ids} were tested on different test images and cannot be compared; "
+                          "retrain them on the same data (same dataset files, n_test and split)")
+    return parse_digits(labels.pop())
+
+
+def _predictions(cell: pd.DataFrame) -> list[list[int]]:
+    return [parse_digits(r["test_predictions"]) for r in cell["report"]]
+
+
+def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], family: str) -> dict:
     first = cell.iloc[0]
     seeds = seed_summary(cell["f1_macro"].to_numpy())
+    report = first["report"]
     row = {
-        "family": first["family"], "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
-        "epochs": first["epochs"], "lr": first["report"]["config"]["lr"], "teacher": first["teacher"],
-        "stage": first["stage"],
-        "p_aug": first["p_aug"], "n_seeds": len(cell), "f1_mean": seeds["mean"], "f1_std": seeds["std"],
-        "ci_low": seeds["ci_low"], "ci_high": seeds["ci_high"],
+        "family": family, "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
+        "train_images": report["sizes"]["train"], "epochs": first["epochs"], "lr": report["config"]["lr"],
+        "teacher": first["teacher"], "stage": first["stage"], "p_aug": first["p_aug"], "n_seeds": len(cell),
+        "f1_mean": seeds["mean"], "f1_std": seeds["std"], "ci_low": seeds["ci_low"], "ci_high": seeds["ci_high"],
+        "val_f1_mean": float(np.mean([best_val_f1(r) for r in cell["report"]])),
         "corruption_f1": float(cell["corruption_f1"].mean()),
-        "diff": float("nan"), "diff_low": float("nan"), "diff_high": float("nan"), "p_value": float("nan"),
+        "at_chance": at_chance(seeds["mean"], y_true),
+        "still_improving": any(still_improving([h["val_f1_macro"] for h in r["history"]]) for r in cell["report"]),
     }
+    row["corruption_drop"] = row["f1_mean"] - row["corruption_f1"]
     if len(cell) == 1:  # one seed: the interval is the bootstrap over test images
         row["ci_low"], row["ci_high"] = float(first["ci_low"]), float(first["ci_high"])
-    if first["stage"] != "none" and not base.empty:
-        y_true = parse_digits(first["report"]["test_labels"])
-        test = compare_to_baseline(
-            y_true,
-            [parse_digits(r["test_predictions"]) for r in base["report"]],
-            [parse_digits(r["test_predictions"]) for r in cell["report"]],
-            n_boot=n_boot,
-        )
-        # Conservative: a cell counts as different only when the paired bootstrap of macro-F1
-        # and McNemar's test on the same images both say so.
-        row.update(diff=test["diff"], diff_low=test["low"], diff_high=test["high"],
-                   p_value=max(test["p_value"], test["mcnemar_p"]))
+    row.update(_verdict_columns(verdict))
     return row
 
 
+def _verdict_columns(verdict: dict | None) -> dict:
+    if verdict is None:
+        return {"diff": np.nan, "diff_low": np.nan, "diff_high": np.nan, "p_value": np.nan, "p_holm": np.nan,
+                "significant": False, "note": "", "family_size": 0}
+    return {"diff": verdict["diff"], "diff_low": verdict["low"], "diff_high": verdict["high"],
+            "p_value": _or_nan(verdict["p_value"]), "p_holm": _or_nan(verdict["p_holm"]),
+            "significant": bool(verdict["significant"]), "note": verdict["reason"] or "",
+            "family_size": verdict["family_tested"]}
+
+
+def _or_nan(value) -> float:
+    return np.nan if value is None else float(value)
+
+
+def conclusion(row) -> str:
+    """What one cell's numbers support, in words: flags first, then the verdict."""
+    if row["at_chance"]:
+        return "at chance: the model did not learn; no effect can be read"
+    flags = "still improving at the last epoch; " if row["still_improving"] else ""
+    if row["stage"] == "none":
+        return flags + "baseline"
+    if np.isnan(row["diff"]):
+        return flags + "no baseline in its family"
+    if row["note"]:
+        return flags + f"not tested ({row['note']})"
+    if not row["significant"]:
+        return flags + "no significant difference from no augmentation"
+    return flags + ("significantly better" if row["diff"] > 0 else "significantly worse") + " than no augmentation"
+
+
 def summary_markdown(table: pd.DataFrame) -> str:
-    """The cell table as Markdown, headed by the dataset so synthetic results are never mistaken."""
+    """The cell table as Markdown: one table per family, headed by the dataset (synthetic results are
+    never mistaken for SVHN) and with its multiple-comparison family named under it."""
     if table.empty:
         return "No finished runs.\n"
     lines = []
-    for dataset, part in table.groupby("dataset"):
-        lines += [f"### {viz.dataset_label(dataset)}: test macro-F1 per cell", "",
-                  "| model | epochs | lr | stage | p_aug | seeds | macro-F1 [95% CI] "
-                  "| diff vs no augmentation [95% CI] | p (Holm) | significant | corruption F1 |",
-                  "|---|---:|---:|---|---:|---:|---|---|---:|:---:|---:|"]
+    for (dataset, family), part in table.groupby(["dataset", "family"], sort=False):
+        tested = int(part["family_size"].max())
+        lines += [f"### {viz.dataset_label(dataset)}: {family}", "",
+                  "| stage | p_aug | seeds | macro-F1 [95% CI] | diff vs no augmentation [95% CI] | p (Holm) "
+                  "| corruption F1 (drop) | conclusion |",
+                  "|---|---:|---:|---|---|---:|---|---|"]
         lines += [_markdown_row(r) for _, r in part.iterrows()]
-        lines.append("")
+        lines += ["", f"Family: Holm over the {tested} tested cell(s) of this table, alpha 0.05; "
+                      f"{FAMILY_METHOD}", ""]
     return "\n".join(lines)
 
 
 def _markdown_row(r) -> str:
-    """One cell of the summary; cells without a same-family baseline say so instead of 'nan'."""
-    model = r["model"] if not isinstance(r["teacher"], str) else f"{r['model']} (distilled from {r['teacher']})"
-    if r["stage"] == "none":
-        diff, p_holm, mark = "baseline", "", ""
-    elif r["p_value"] != r["p_value"]:  # NaN: no no-augmentation run of the same family
-        diff, p_holm, mark = "no baseline", "", ""
-    else:
-        diff = format_estimate(r["diff"], r["diff_low"], r["diff_high"])
-        p_holm, mark = f"{r['p_holm']:.3g}", ("yes" if r["significant"] else "no")
-    return (f"| {model} | {r['epochs']} | {r['lr']:.3g} | {r['stage']} | {r['p_aug']:g} | {r['n_seeds']} "
-            f"| {format_estimate(r['f1_mean'], r['ci_low'], r['ci_high'])} | {diff} | {p_holm} | {mark} "
-            f"| {r['corruption_f1']:.3f} |")
+    """One cell of the summary; a distilled run names its teacher's model, not its run id."""
+    stage = r["stage"] if not isinstance(r["teacher"], str) else f"{r['stage']} (distilled student)"
+    diff = "" if np.isnan(r["diff"]) else format_estimate(r["diff"], r["diff_low"], r["diff_high"])
+    p_holm = "" if np.isnan(r["p_holm"]) else f"{r['p_holm']:.3g}"
+    return (f"| {stage} | {r['p_aug']:g} | {r['n_seeds']} "
+            f"| {format_estimate(r['f1_mean'], r['ci_low'], r['ci_high'])} | {diff} | {p_holm} "
+            f"| {_corruption_text(r)} | {conclusion(r)} |")
+
+
+def _corruption_text(r) -> str:
+    if np.isnan(r["corruption_f1"]):
+        return "not evaluated"
+    return f"{r['corruption_f1']:.3f} ({-r['corruption_drop']:+.3f})"
 
 
 def write_summary(frame: pd.DataFrame | None = None, out_dir: Path | None = None) -> tuple[str, Path]:
-    """Print-ready Markdown and a CSV under reports/ (both written atomically)."""
+    """Print-ready Markdown and a CSV under reports/ (both written atomically). An empty frame is an
+    error: an existing summary is never replaced by an empty one."""
     frame = load_reports() if frame is None else frame
+    if frame.empty:
+        raise ReportError("no finished runs to summarize; the existing summary (if any) is kept")
     out_dir = out_dir or config.REPORTS_DIR
     table = summarize(frame)
     markdown = summary_markdown(table)
@@ -230,12 +303,20 @@ def grid_tables(cells: pd.DataFrame) -> dict:
 
 
 def best_runs(frame: pd.DataFrame, cells: pd.DataFrame, dataset: str, model: str) -> tuple[dict, dict | None]:
-    """The report of the best cell (highest mean macro-F1; its first seed) and the baseline's."""
-    best_cell = cells.sort_values("f1_mean", ascending=False).iloc[0]
-    runs = frame[(frame["dataset"] == dataset) & (frame["model"] == model) & frame["teacher"].isna()]
-    best = runs[(runs["stage"] == best_cell["stage"]) & (runs["p_aug"] == best_cell["p_aug"])]
-    base = runs[runs["stage"] == "none"]
-    return best.iloc[0]["report"], (base.iloc[0]["report"] if not base.empty else None)
+    """The report of the best augmented cell, selected on VALIDATION macro-F1 (mean over seeds; the
+    seed with the best validation score), and the baseline's report. The test set never chooses."""
+    augmented = cells[cells["stage"] != "none"]
+    pool = augmented if not augmented.empty else cells
+    best_cell = pool.sort_values("val_f1_mean", ascending=False).iloc[0]
+    runs_ = frame[(frame["dataset"] == dataset) & (frame["model"] == model) & frame["teacher"].isna()]
+    best = runs_[(runs_["stage"] == best_cell["stage"]) & (runs_["p_aug"] == best_cell["p_aug"])]
+    best_report = max(best["report"], key=best_val_f1)
+    base = runs_[runs_["stage"] == "none"]
+    return best_report, (max(base["report"], key=best_val_f1) if not base.empty else None)
+
+
+def run_budget(report: dict, seeds: int = 1) -> str:
+    return budget_text(report["sizes"]["train"], report["config"]["epochs"], seeds)
 
 
 # ---------------------------------------------------------------- figures
@@ -267,15 +348,20 @@ def figures(frame: pd.DataFrame | None = None, out_dir: Path | None = None) -> l
 def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list[Path]:
     written = []
     tables = grid_tables(cells)
+    name = viz.model_label(model)
+    first = cells.iloc[0]
+    budget = budget_text(int(first["train_images"]), int(first["epochs"]), tables["n_seeds"])
+    family = (f"* = differs from no augmentation (seed-aware test, Holm over the {int(cells['family_size'].max())} "
+              f"tested cells of {name}'s family)")
+    if tables["n_seeds"] < 2:
+        family = "one seed per cell: no cell is tested against no augmentation"
     if not tables["f1"].empty:
-        seeds = tables["n_seeds"]
         fig = viz.plot_heatmap(tables["f1"], dataset=dataset, significance=tables["significance"],
-                               title=f"{model}: test macro-F1, stage x p_aug (mean of {seeds} seed(s); "
-                                     "* = differs from no augmentation, Holm p<0.05)",
-                               metric_label="macro-F1")
+                               title=f"{name}: test macro-F1, stage x p_aug (mean over seeds)",
+                               metric_label="macro-F1", note=family, budget=budget)
         written.append(save_and_close(fig, out_dir / f"{dataset}_{model}_heatmap_f1.png"))
-        fig = viz.plot_heatmap(tables["corruption"], dataset=dataset,
-                               title=f"{model}: macro-F1 under corruptions (mean over kinds)",
+        fig = viz.plot_heatmap(tables["corruption"], dataset=dataset, budget=budget,
+                               title=f"{name}: macro-F1 under corruptions (mean over kinds)",
                                metric_label="corruption macro-F1")
         written.append(save_and_close(fig, out_dir / f"{dataset}_{model}_heatmap_corruption.png"))
     written += _best_cell_figures(frame, cells, dataset, model, out_dir)
@@ -284,19 +370,21 @@ def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list
 
 def _best_cell_figures(frame, cells, dataset, model, out_dir) -> list[Path]:
     best, base = best_runs(frame, cells, dataset, model)
-    label = run_label(best)
+    label = f"{viz.model_label(model)}, {run_label(best)} (best on validation)"
+    chance = chance_band(parse_digits(best["test_labels"]))
+    budget = run_budget(best)
     prefix = out_dir / f"{dataset}_{model}_best"
     written = [
-        save_and_close(viz.plot_learning_curves(best["history"], title=f"{model}, {label}", dataset=dataset),
-                       Path(f"{prefix}_learning_curves.png")),
-        save_and_close(viz.plot_confusion_matrix(best["test"]["confusion_matrix"], dataset=dataset,
-                                                 title=f"{model}, {label}: confusion matrix (test)"),
+        save_and_close(viz.plot_learning_curves(best["history"], title=label, dataset=dataset, budget=budget,
+                                                chance=chance), Path(f"{prefix}_learning_curves.png")),
+        save_and_close(viz.plot_confusion_matrix(best["test"]["confusion_matrix"], dataset=dataset, budget=budget,
+                                                 title=f"{label}: confusion matrix (test)"),
                        Path(f"{prefix}_confusion.png")),
     ]
-    f1_by_run = {label: best["test"]["f1_per_class"]}
+    f1_by_run = {run_label(best): best["test"]["f1_per_class"]}
     if base is not None and base["run_id"] != best["run_id"]:
         f1_by_run[run_label(base)] = base["test"]["f1_per_class"]
-    written.append(save_and_close(viz.plot_per_class_f1(f1_by_run, dataset=dataset),
+    written.append(save_and_close(viz.plot_per_class_f1(f1_by_run, dataset=dataset, budget=budget, chance=chance),
                                   Path(f"{prefix}_per_class_f1.png")))
     return written
 
@@ -328,19 +416,16 @@ def eda_figures(dataset: str = "synthetic", out_dir: Path | None = None) -> list
 
 
 def save_tuning_figures(study: optuna.Study, dataset: str, out_dir: Path | None = None) -> list[Path]:
-    """Optuna's optimisation history and parameter importances as PNGs."""
+    """The tuning history and the parameter importances (from 2 finished trials on) as PNGs."""
     out_dir = out_dir or config.FIGURES_DIR
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    written = []
-    plots = [("optimization_history", optuna_plots.plot_optimization_history, 1),
-             ("param_importances", optuna_plots.plot_param_importances, 2)]
-    for name, plot, min_trials in plots:
-        if len(complete) < min_trials:
-            continue
-        # Optuna's plots switch matplotlib to its own style; keep that inside this figure.
-        with plt.rc_context():
-            ax = plot(study, target_name="validation macro-F1")
-            ax.set_title(f"{ax.get_title(loc='left')} ({viz.dataset_label(dataset)})", loc="left")
-            ax.figure.tight_layout()
-            written.append(save_and_close(ax.figure, out_dir / f"{dataset}_tuning_{name}.png"))
+    if not complete:
+        return []
+    values = [t.value for t in complete]
+    written = [save_and_close(viz.plot_tuning_history(values, dataset),
+                              out_dir / f"{dataset}_tuning_optimization_history.png")]
+    if len(complete) >= 2:  # Optuna's importance estimate needs two finished trials
+        importances = optuna.importance.get_param_importances(study)
+        written.append(save_and_close(viz.plot_param_importances(importances, len(complete), dataset),
+                                      out_dir / f"{dataset}_tuning_param_importances.png"))
     return written

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,12 +28,22 @@ from augmentations import (
     build_stage_transform,
     corrupt,
     get_eval_transform,
+    stage_fingerprint,
+    stage_ops,
 )
 from config import ConfigError, TrainConfig
-from data_loading import DeviceLoader, RunData, per_sample_loaders, prepare_data, set_seed
+from data_loading import (
+    DeviceLoader,
+    RunData,
+    data_fingerprint,
+    load_split,
+    per_sample_loaders,
+    prepare_data,
+    set_seed,
+)
 from model import build_model, count_params
-from stats import bootstrap_ci
-from training import compute_metrics, fit, predict, synchronize
+from stats import at_chance, bootstrap_ci, chance_band, still_improving
+from training import compute_metrics, device_label, fit, predict, remove_checkpoint, synchronize
 
 REPORT_SCHEMA_VERSION = 1
 CORRUPTION_SEED = 1234  # the corrupted test copies are the same for every run
@@ -40,6 +52,39 @@ DEFAULT_SEVERITIES = (1, 2, 3)
 
 class ReportError(RuntimeError):
     """A report file that cannot be read; the message says which file and what to do."""
+
+
+# ---------------------------------------------------------------- identity
+
+
+def canonical_config(cfg: TrainConfig) -> TrainConfig:
+    """The configuration as it will run: nothing augmented at p_aug = 0, and a subset size at or above
+    its split's size replaced by the whole split (None), said on stderr so the clamping is not silent."""
+    cfg = cfg.effective()
+    for name, split in (("n_train", "train"), ("n_test", "test")):
+        requested = getattr(cfg, name)
+        if requested is not None:
+            available = len(load_split(cfg.dataset, split)[1])
+            if requested >= available:
+                print(f"note: {name}={requested} is at least the {split} split's {available:,} images: "
+                      "the whole split is used", file=sys.stderr)
+                cfg = dataclasses.replace(cfg, **{name: None})
+    return cfg
+
+
+def run_id(cfg: TrainConfig) -> str:
+    """A readable key of everything that changes a run's result: the canonical settings
+    (``TrainConfig.identity``), the stage's op specs (custom stages included) and the fingerprints of
+    the data files actually read. Identical runs share it; a change to any of these gives a new one."""
+    cfg = canonical_config(cfg)
+    identity = {
+        "config": cfg.identity(),
+        "stage": stage_fingerprint(cfg.stage),
+        "data": {split: data_fingerprint(cfg.dataset, split) for split in ("train", "test")},
+    }
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    kind = "kd-" if cfg.teacher else ""
+    return f"{cfg.dataset}-{kind}{cfg.model}-{cfg.stage}-p{cfg.p_aug:g}-s{cfg.seed}-{digest}"
 
 
 # ---------------------------------------------------------------- where a run's files live
@@ -51,6 +96,11 @@ def report_path(run_id: str) -> Path:
 
 def model_path(run_id: str) -> Path:
     return config.MODELS_DIR / f"{run_id}.pt"
+
+
+def metrics_csv_path(run_id: str) -> Path:
+    """One row per epoch, written as the run trains (open it to watch a long run)."""
+    return config.RUNS_DIR / f"{run_id}.metrics.csv"
 
 
 def checkpoint_path(run_id: str) -> Path:
@@ -109,25 +159,77 @@ def _per_sample_loaders(cfg: TrainConfig, data: RunData):
 # ---------------------------------------------------------------- one run
 
 
-def run(cfg: TrainConfig, *, device: str = "auto", progress: bool = False,
+def run(cfg: TrainConfig, *, device: str = "auto", quiet: bool = False,
         severities: tuple[int, ...] = DEFAULT_SEVERITIES, on_epoch_end=None) -> dict:
     """Train one configuration, or load it when an identical run has finished.
 
     An interrupted run resumes from its last finished epoch (per-epoch checkpoint).
     Returns the report (also written to ``reports/runs/<run_id>.json``).
     """
-    cfg = cfg.effective()
-    run_id = cfg.run_id()
-    if report_path(run_id).exists():
-        return read_report(report_path(run_id))
-    device = config.resolve_device(device)
-    trained = train_model(cfg, device, progress=progress, checkpoint=checkpoint_path(run_id),
-                          on_epoch_end=on_epoch_end)
-    report = build_report(cfg, trained, device, severities)
-    atomic_torch_save(trained.model.state_dict(), model_path(run_id))
-    atomic_write_json(report_path(run_id), report)  # the report is the commit point
-    checkpoint_path(run_id).unlink(missing_ok=True)
+    requested = cfg
+    cfg = canonical_config(cfg)
+    key = run_id(cfg)
+    if report_path(key).exists():
+        return read_report(report_path(key))
+    device = preflight(cfg, device)
+    say = announcer(quiet)
+    say(f"run {key}: {cfg.model}, {cfg.epochs} epoch(s) on {device}")
+    trained = train_model(cfg, device, quiet=quiet, checkpoint=checkpoint_path(key), on_epoch_end=on_epoch_end,
+                          metrics_csv=metrics_csv_path(key), tensorboard_dir=config.REPORTS_DIR / "tensorboard" / key)
+    report = build_report(cfg, trained, device, severities, quiet)
+    report["requested_sizes"] = {"n_train": requested.n_train, "n_test": requested.n_test}
+    atomic_torch_save(trained.model.state_dict(), model_path(key))
+    report["model_sha256"] = file_sha256(model_path(key))
+    atomic_write_json(report_path(key), report)  # the report is the commit point
+    remove_checkpoint(checkpoint_path(key))
+    say(f"report: {report_path(key)}")
     return report
+
+
+def announcer(quiet: bool):
+    """A function printing one progress line (stderr, like the per-epoch lines), or doing nothing."""
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    return say
+
+
+def preflight(cfg: TrainConfig, device: str) -> str:
+    """Everything that can fail before training, checked before it starts: the device, the stage, the
+    teacher and its model file, and that the report and model folders can be written. Returns the device."""
+    device = check_device(device)
+    stage_ops(cfg.stage)  # an unknown stage name fails here
+    if cfg.teacher is not None:
+        load_teacher(cfg.teacher, "cpu")  # a missing or damaged teacher fails here
+    for folder in (config.RUNS_DIR, config.MODELS_DIR / "checkpoints"):
+        ensure_writable(folder)
+    return device
+
+
+def check_device(device: str) -> str:
+    """The device to train on ('auto' resolved); one that does not exist here is a ConfigError."""
+    resolved = config.resolve_device(device)
+    try:
+        kind = torch.device(resolved).type
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {device!r} ({err}); use cuda, mps, cpu or auto") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise ConfigError(f"device {device!r} is not available on this machine; use --device auto or cpu")
+    return resolved
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove it takes a file, so no run trains only to fail when saving."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write to {folder} ({err.strerror or err}); make it writable or point "
+                          "SVHN_AUG_REPORTS_DIR / SVHN_AUG_MODELS_DIR elsewhere") from None
 
 
 @dataclasses.dataclass
@@ -141,16 +243,16 @@ class TrainedRun:
     augment_path: str  # "none", "batched" or "per-sample": the path the train loader ran
 
 
-def train_model(cfg: TrainConfig, device: str, *, progress: bool = False, checkpoint: Path | None = None,
-                on_epoch_end=None) -> TrainedRun:
-    """Build data, loaders and model; fit."""
+def train_model(cfg: TrainConfig, device: str, *, quiet: bool = False, checkpoint: Path | None = None,
+                on_epoch_end=None, **watch) -> TrainedRun:
+    """Build data, loaders and model; fit. ``watch`` goes to ``fit`` (metrics_csv, tensorboard_dir)."""
     data = prepare_data(cfg)
     loaders, augment_path = make_loaders(cfg, data, device)
     set_seed(cfg.seed)  # model initialisation is the only user of the global RNG
     model = build_model(cfg.model).to(device)
     teacher = load_teacher(cfg.teacher, device) if cfg.teacher else None
     fit_result = fit(model, loaders[0], loaders[1], cfg, device, teacher=teacher,
-                     checkpoint_path=checkpoint, on_epoch_end=on_epoch_end, progress=progress)
+                     checkpoint_path=checkpoint, on_epoch_end=on_epoch_end, quiet=quiet, **watch)
     return TrainedRun(model, fit_result, data, loaders, augment_path)
 
 
@@ -159,32 +261,54 @@ def load_teacher(run_id: str, device: str) -> torch.nn.Module:
     path = report_path(run_id)
     if not path.exists():
         raise ConfigError(f"teacher run {run_id!r} has no report at {path}; train it first")
-    teacher_cfg = read_report(path)["config"]
-    teacher = build_model(teacher_cfg["model"]).to(device)
-    teacher.load_state_dict(torch.load(model_path(run_id), map_location=device, weights_only=True))
+    report = read_report(path)
+    teacher = build_model(report["config"]["model"]).to(device)
+    teacher.load_state_dict(load_model_state(report, device))
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_model_state(report: dict, device: str) -> dict:
+    """The saved weights of a finished run, checked against the hash its report recorded."""
+    path = model_path(report["run_id"])
+    fix = f"delete {report_path(report['run_id'])} and retrain that run"
+    if not path.exists():
+        raise ReportError(f"the model file {path} of run {report['run_id']} is missing; {fix}")
+    if file_sha256(path) != report["model_sha256"]:
+        raise ReportError(f"the model file {path} does not match its report (damaged or replaced); {fix}")
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 # ---------------------------------------------------------------- the report
 
 
-def build_report(cfg: TrainConfig, trained: TrainedRun, device: str, severities) -> dict:
+def build_report(cfg: TrainConfig, trained: TrainedRun, device: str, severities, quiet: bool = True) -> dict:
     """Everything a table or figure needs later, so nothing is retrained to draw it."""
     model, data = trained.model, trained.data
+    announcer(quiet)(f"evaluating on {len(data.test_y):,} test images; "
+                     f"corruptions at severities {list(severities) or 'none'}")
     y_true, y_pred, _ = predict(model, trained.loaders[2], device)
     y_true, y_pred = y_true.cpu(), y_pred.cpu()
     history = trained.fit_result["history"]
+    test = compute_metrics(y_true, y_pred)
+    val_f1 = [h["val_f1_macro"] for h in history]
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "run_id": cfg.run_id(),
+        "run_id": run_id(cfg),
         "config": dataclasses.asdict(cfg),
         "dataset": cfg.dataset,
         "synthetic": cfg.dataset == "synthetic",
         "sizes": {"train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
         "channel_stats": {"mean": list(data.mean), "std": list(data.std)},
         "augment_path": trained.augment_path,
-        "test": compute_metrics(y_true, y_pred),
+        "test": test,
+        "budget": {"train_images": len(data.train_y), "epochs": cfg.epochs},
+        "flags": {"at_chance": at_chance(test["f1_macro"], y_true.numpy()), "still_improving": still_improving(val_f1),
+                  "chance_f1_macro": chance_band(y_true.numpy())},
         "test_f1_macro_ci": bootstrap_ci(y_true.numpy(), y_pred.numpy(), metric="f1_macro", seed=cfg.seed),
         "test_labels": encode_digits(y_true),
         "test_predictions": encode_digits(y_pred),
@@ -198,6 +322,11 @@ def build_report(cfg: TrainConfig, trained: TrainedRun, device: str, severities)
         "environment": environment(device),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def best_val_f1(report: dict) -> float:
+    """The validation macro-F1 of the weights a run kept (its best epoch): what selection uses."""
+    return max(h["val_f1_macro"] for h in report["history"])
 
 
 def encode_digits(labels: torch.Tensor) -> str:
@@ -217,7 +346,10 @@ def _mean(values) -> float:
 
 def evaluate_robustness(model, data: RunData, device: str, batch_size: int,
                         severities: tuple[int, ...]) -> dict:
-    """Macro-F1 on corrupted copies of the test images, per kind (mean over severities)."""
+    """Macro-F1 on corrupted copies of the test images, per kind (mean over severities); no severities
+    skips the evaluation (mean_f1_macro None)."""
+    if not severities:
+        return {"severities": [], "f1_macro": {}, "mean_f1_macro": None}
     per_kind = {}
     for kind in CORRUPTION_KINDS:
         scores = []
@@ -245,8 +377,7 @@ def inference_throughput(model, data: RunData, device: str, batch_size: int, n_i
 
 
 def environment(device: str) -> dict:
-    name = torch.cuda.get_device_name(0) if str(device).startswith("cuda") else "cpu"
-    return {"torch": torch.__version__, "device": str(device), "device_name": name,
+    return {"torch": torch.__version__, "device": str(device), "device_name": device_label(device),
             "git_commit": git_commit(), "python": sys.version.split()[0]}
 
 

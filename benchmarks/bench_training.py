@@ -158,7 +158,7 @@ def original_loader(images, labels, batch_size: int, stage: str = STAGE, p_aug: 
     """The original study's train loader: per-sample PIL transforms in DataLoader workers."""
     eval_t = get_eval_transform(config.SVHN_MEAN, config.SVHN_STD)
     train_t = ProbTransform(eval_t, build_stage_transform(stage, config.SVHN_MEAN, config.SVHN_STD), p_aug)
-    dataset = TensorImageDataset(images, labels, torch.arange(len(labels)), train_t)
+    dataset = TensorImageDataset(images, labels, train_t)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(0))

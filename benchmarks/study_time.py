@@ -99,8 +99,9 @@ def study_jobs(plan, dataset: str = "synthetic") -> list[Job]:
     jobs, seen = [], set()
     for part, configs in grids:
         for cfg in configs:
-            if cfg.run_id() not in seen:  # a finished run is loaded, not retrained
-                seen.add(cfg.run_id())
+            key = json.dumps(cfg.identity(), sort_keys=True)
+            if key not in seen:  # a finished run is loaded, not retrained
+                seen.add(key)
                 jobs.append(Job(part, cfg, True, plan.severities))
     tuned = dataclasses.replace(large, stage="stage1_basic", p_aug=EXPECTED_TUNED_P_AUG)
     jobs += [Job("tuning", dataclasses.replace(tuned, epochs=plan.tune_epochs), False, ())] * plan.tune_trials
@@ -354,9 +355,9 @@ def _fixed_costs(models, device: str, m: Measure, tmp: Path) -> dict:
         costs["setup_s"][name] = time.perf_counter() - start
         model(torch.zeros(2, 3, 32, 32, device=device)).sum().backward()
         optimizer.step()  # the optimizer's state exists, as in every checkpoint after the first step
-        state = training._RunState(epoch=1, best_state=training._cpu_state(model), best_epoch=1)
+        state = training.RunState(epoch=1, best_state=training.cpu_state(model), best_epoch=1)
         costs["checkpoint_s"][name] = _median_seconds(
-            lambda model=model, optimizer=optimizer, state=state: training._save_checkpoint(
+            lambda model=model, optimizer=optimizer, state=state: training.save_checkpoint(
                 tmp / "run.ckpt", cfg, model, optimizer, None, state, ([], []), torch.device(device)),
             "cpu", m.repeats)
         costs["save_s"][name] = _median_seconds(
@@ -373,7 +374,7 @@ def _statistics_costs(m: Measure) -> dict:
     """Bootstrap interval per test image; a paired comparison per test image (fixed + per array)."""
     import numpy as np
 
-    from stats import bootstrap_ci, compare_to_baseline
+    from stats import bootstrap_ci, compare_groups
 
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 10, m.stat_images)
@@ -381,8 +382,8 @@ def _statistics_costs(m: Measure) -> dict:
     preds = [np.where(rng.random(m.stat_images) < 0.9, y_true, rng.integers(0, 10, m.stat_images))
              for _ in range(6)]  # 90 % right, like a trained model
     one = _median_seconds(lambda: bootstrap_ci(y_true, preds[0], seed=42), "cpu", 1)
-    two = _median_seconds(lambda: compare_to_baseline(y_true, preds[:1], preds[1:2]), "cpu", 1)
-    six = _median_seconds(lambda: compare_to_baseline(y_true, preds[:3], preds[3:]), "cpu", 1)
+    two = _median_seconds(lambda: compare_groups(y_true, preds[:1], preds[1:2]), "cpu", 1)
+    six = _median_seconds(lambda: compare_groups(y_true, preds[:3], preds[3:]), "cpu", 1)
     per_array = max(six - two, 0.0) / 4
     return {"bootstrap_s_per_image": one / m.stat_images,
             "compare_s_per_image": {"fixed": max(two - 2 * per_array, 0.0) / m.stat_images,
