@@ -228,11 +228,13 @@ class AugmentParams:
 @dataclass(frozen=True)
 class ApplyContext:
     """What the batched ops need besides their own parameters: the stage's channel statistics (erasing
-    acts in normalized units) and, when a flip is folded into the warp that follows it, the flip draw."""
+    acts in normalized units), the flip draw when a flip is folded into the warp that follows it, and
+    whether the ops must stay sync-free (the accelerator path)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     folded_flip: torch.Tensor | None = None  # bool (B,)
+    masked: bool = True  # the accelerator way (no host sync); False: ops may gather samples by index
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +523,7 @@ class LearnedPolicy:
         """The drawn ops in turn on uint8 values (x is float in [0, 1]; 1/255 steps when it came from uint8)."""
         values = x.mul_(255.0).round_()
         for step in range(params.op.shape[1]):
-            values = policy_op_batch(values, params.op[:, step], params.magnitude[:, step])
+            values = policy_op_batch(values, params.op[:, step], params.magnitude[:, step], masked=context.masked)
         return values.mul_(1.0 / 255)
 
 
@@ -807,13 +809,13 @@ class BatchAugment:
         everyone = chosen.numel() == x.shape[0]  # then slices: views instead of gathered copies
         for start in range(0, chosen.numel(), _CPU_CHUNK):
             index = slice(start, start + _CPU_CHUNK) if everyone else chosen[start:start + _CPU_CHUNK]
-            x[index] = self._augment(x[index], params.map(lambda tensor, index=index: tensor[index]))
+            x[index] = self._augment(x[index], params.map(lambda tensor, index=index: tensor[index]), masked=False)
         return x
 
-    def _augment(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, params: AugmentParams, masked: bool = True) -> torch.Tensor:
         """Every op on every sample given: float (B, 3, H, W) in [0, 1], overwritten."""
         flip = params[HFlip].flip if self._fold_flip else None
-        context = ApplyContext(self.mean, self.std, flip)
+        context = ApplyContext(self.mean, self.std, flip, masked)
         for op, op_params in zip(self.ops, params.ops, strict=True):
             x = op.apply(x, op_params, context)
         return x
