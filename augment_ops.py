@@ -7,8 +7,9 @@ reproduce torchvision's uint8 kernels (rounding and truncation included) on floa
 integer values 0..255.
 
 No kernel builds a tensor from Python values or reads a tensor back to the host: constants (channel
-statistics, sampling grids, pixel indices, kernels) are made once per device and dtype and cached, so
-an accelerator never waits on the host.
+statistics, sampling grids, pixel indices, kernels, the policies' sampling tables) are made once per
+device and dtype and cached, so an accelerator never waits on the host. ``count_host_syncs`` counts
+the calls that would make it wait (tests and benchmarks assert zero per training step).
 """
 
 from __future__ import annotations
