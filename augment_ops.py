@@ -291,6 +291,12 @@ def _is(op: torch.Tensor, name: str) -> torch.Tensor:
     return op == _OP[name]
 
 
+def _wide(magnitude: torch.Tensor) -> torch.Tensor:
+    """The magnitude in float64, as torchvision's Python floats compute with it (float32 on MPS, which
+    has no float64: a value on a rounding boundary may then land one uint8 step away)."""
+    return magnitude.float() if magnitude.device.type == "mps" else magnitude.double()
+
+
 def _policy_matrix(op: torch.Tensor, magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """torchvision's _get_inverse_affine_matrix per sample for the geometric policy ops: (B, 2, 3), float32.
 
@@ -298,7 +304,7 @@ def _policy_matrix(op: torch.Tensor, magnitude: torch.Tensor, height: int, width
     turn about the top-left corner (centre [0, 0]); translations truncate to whole pixels (int());
     rotate passes -(angle mod 360). Non-geometric ops get the identity.
     """
-    m = magnitude.double()
+    m = _wide(magnitude)
     zero = torch.zeros_like(m)
     shear = _is(op, "ShearX") | _is(op, "ShearY")
     shear_deg = torch.rad2deg(torch.atan(m))
@@ -334,7 +340,7 @@ def _sharpness_blur(x: torch.Tensor) -> torch.Tensor:
 
 def _factors(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(r, 1 - r) for r = 1 + magnitude, in float64 then float32 (torchvision's Python floats): (B, 1, 1, 1) each."""
-    ratio = 1.0 + magnitude.double()
+    ratio = 1.0 + _wide(magnitude)
     return ratio.float().view(-1, 1, 1, 1), (1.0 - ratio).float().view(-1, 1, 1, 1)
 
 
@@ -377,7 +383,7 @@ def _posterize(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> to
 
 def _solarize(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """Invert the values at or above 255 * magnitude (the uint8 bound times the drawn fraction)."""
-    threshold = magnitude.double().mul(255.0).float().view(-1, 1, 1, 1)
+    threshold = _wide(magnitude).mul(255.0).float().view(-1, 1, 1, 1)
     return torch.where(x >= threshold, 255.0 - x, x)
 
 
