@@ -68,7 +68,7 @@ from augment_params import (
     RotateParams,
 )
 
-BILINEAR = v2.InterpolationMode.BILINEAR
+_BILINEAR = v2.InterpolationMode._BILINEAR
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class Rotate:
         config.require(0.0 <= self.fill <= 1.0, f"Rotate.fill must lie in [0, 1], got {self.fill}")
 
     def torchvision(self, mean, std) -> v2.Transform:
-        return v2.RandomRotation(self.degrees, interpolation=BILINEAR, fill=self.fill)
+        return v2.RandomRotation(self.degrees, interpolation=_BILINEAR, fill=self.fill)
 
     def sample(self, draws: Draws) -> RotateParams:
         return RotateParams(draws.uniform(-self.degrees, self.degrees))
@@ -160,7 +160,7 @@ class Affine:
         config.require(0.0 <= self.fill <= 1.0, f"Affine.fill must lie in [0, 1], got {self.fill}")
 
     def torchvision(self, mean, std) -> v2.Transform:
-        return v2.RandomAffine(self.degrees, self.translate, self.scale, interpolation=BILINEAR, fill=self.fill)
+        return v2.RandomAffine(self.degrees, self.translate, self.scale, interpolation=_BILINEAR, fill=self.fill)
 
     def sample(self, draws: Draws) -> AffineParams:
         h, w = draws.size
