@@ -68,7 +68,7 @@ from augment_params import (
     RotateParams,
 )
 
-_BILINEAR = v2.InterpolationMode._BILINEAR
+_BILINEAR = v2.InterpolationMode.BILINEAR
 
 
 # --------------------------------------------------------------------------------------------
