@@ -7,8 +7,9 @@ reproduce torchvision's uint8 kernels (rounding and truncation included) on floa
 integer values 0..255.
 
 No kernel builds a tensor from Python values or reads a tensor back to the host: constants (channel
-statistics, sampling grids, pixel indices, kernels) are made once per device and dtype and cached, so
-an accelerator never waits on the host.
+statistics, sampling grids, pixel indices, kernels, the policies' sampling tables) are made once per
+device and dtype and cached, so an accelerator never waits on the host. ``count_host_syncs`` counts
+the calls that would make it wait (tests and benchmarks assert zero per training step).
 """
 
 from __future__ import annotations
@@ -284,12 +285,16 @@ def erase_batch(
 POLICY_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
               "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
 _OP = {name: index for index, name in enumerate(POLICY_OPS)}
-_GEOMETRY = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
-_BLENDS = ("Brightness", "Color", "Contrast", "Sharpness")
 
 
 def _is(op: torch.Tensor, name: str) -> torch.Tensor:
     return op == _OP[name]
+
+
+def _wide(magnitude: torch.Tensor) -> torch.Tensor:
+    """The magnitude in float64, as torchvision's Python floats compute with it (float32 on MPS, which
+    has no float64: a value on a rounding boundary may then land one uint8 step away)."""
+    return magnitude.float() if magnitude.device.type == "mps" else magnitude.double()
 
 
 def _policy_matrix(op: torch.Tensor, magnitude: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -299,7 +304,7 @@ def _policy_matrix(op: torch.Tensor, magnitude: torch.Tensor, height: int, width
     turn about the top-left corner (centre [0, 0]); translations truncate to whole pixels (int());
     rotate passes -(angle mod 360). Non-geometric ops get the identity.
     """
-    m = magnitude.double()
+    m = _wide(magnitude)
     zero = torch.zeros_like(m)
     shear = _is(op, "ShearX") | _is(op, "ShearY")
     shear_deg = torch.rad2deg(torch.atan(m))
@@ -333,25 +338,60 @@ def _sharpness_blur(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _policy_blend(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """Brightness, Color (saturation), Contrast and Sharpness with factor 1 + magnitude, truncated as uint8.
-
-    _blend: x r + other (1 - r), other = 0, floor(gray), mean(floor(gray)); sharpness: x + (1 - r)(blur - x).
-    """
-    ratio64 = 1.0 + magnitude.double()
-    ratio = ratio64.float().view(-1, 1, 1, 1)
-    rest = (1.0 - ratio64).float().view(-1, 1, 1, 1)
-    gray = luma(x).floor_()  # (B, 1, H, W)
-    other = torch.where(_is(op, "Color").view(-1, 1, 1, 1), gray, gray.mean(dim=(1, 2, 3), keepdim=True))
-    other = torch.where(_is(op, "Brightness").view(-1, 1, 1, 1), torch.zeros_like(other), other)
-    blended = torch.addcmul(x.mul(ratio), other, rest)  # x r + other (1 - r), rounded as add_(alpha=) rounds
-    blur = _sharpness_blur(x)
-    sharpened = torch.addcmul(x, blur.sub_(x), rest)
-    out = torch.where(_is(op, "Sharpness").view(-1, 1, 1, 1), sharpened, blended)
-    return out.clamp_(0.0, 255.0).floor_()
+def _factors(magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, 1 - r) for r = 1 + magnitude, in float64 then float32 (torchvision's Python floats): (B, 1, 1, 1) each."""
+    ratio = 1.0 + _wide(magnitude)
+    return ratio.float().view(-1, 1, 1, 1), (1.0 - ratio).float().view(-1, 1, 1, 1)
 
 
-def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """The clamp and truncating cast of torchvision's uint8 blends, staying float."""
+    return x.clamp_(0.0, 255.0).floor_()
+
+
+def _brightness(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    ratio, _ = _factors(magnitude)
+    return _as_uint8(x.mul(ratio))
+
+
+def _color(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """adjust_saturation: _blend with the truncated grayscale; addcmul rounds as _blend's add_(alpha=)."""
+    ratio, rest = _factors(magnitude)
+    return _as_uint8(torch.addcmul(x.mul(ratio), luma(x).floor_(), rest))
+
+
+def _contrast(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """adjust_contrast: _blend with the mean of the truncated grayscale."""
+    ratio, rest = _factors(magnitude)
+    mean = luma(x).floor_().mean(dim=(1, 2, 3), keepdim=True)
+    return _as_uint8(torch.addcmul(x.mul(ratio), mean, rest))
+
+
+def _sharpness(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """adjust_sharpness: x + (1 - r)(blur - x) inside a one-pixel border (the border keeps x)."""
+    _, rest = _factors(magnitude)
+    blur = x.clone()
+    blur[..., 1:-1, 1:-1] = F.conv2d(x, _sharpness_kernel(x.shape[1], x.device), groups=x.shape[1]).round_()
+    return _as_uint8(torch.addcmul(x, blur.sub_(x), rest))
+
+
+def _posterize(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Keep the top ``bits`` bits: floor(x / 2^(8 - bits)) * 2^(8 - bits)."""
+    shift = torch.exp2(8.0 - magnitude).view(-1, 1, 1, 1)
+    return x.div(shift).floor_().mul_(shift)
+
+
+def _solarize(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Invert the values at or above 255 * magnitude (the uint8 bound times the drawn fraction)."""
+    threshold = _wide(magnitude).mul(255.0).float().view(-1, 1, 1, 1)
+    return torch.where(x >= threshold, 255.0 - x, x)
+
+
+def _invert(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    return 255.0 - x
+
+
+def _autocontrast(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """autocontrast on uint8 values: per channel (x - min) * 255 / (max - min), truncated; flat channels kept."""
     low = x.amin(dim=(-2, -1), keepdim=True)
     high = x.amax(dim=(-2, -1), keepdim=True)
@@ -361,7 +401,7 @@ def _autocontrast(x: torch.Tensor) -> torch.Tensor:
     return (x - low).div_(inv_scale).clamp_(0.0, 255.0).floor_()
 
 
-def _equalize(x: torch.Tensor) -> torch.Tensor:
+def _equalize(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """torchvision's equalize (PIL's lookup table) per image channel on uint8 values."""
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w).long()  # (B, C, HW)
@@ -376,25 +416,34 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     return torch.where((step != 0).view(b, c, 1, 1), equalized, x)
 
 
-def policy_op_batch(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+# Each family of policy ops: (op names, kernel(x, op, magnitude) for the samples given).
+_POLICY_FAMILIES = (
+    (("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"), _policy_warp),
+    (("Brightness",), _brightness), (("Color",), _color), (("Contrast",), _contrast), (("Sharpness",), _sharpness),
+    (("Posterize",), _posterize), (("Solarize",), _solarize), (("AutoContrast",), _autocontrast),
+    (("Equalize",), _equalize), (("Invert",), _invert),
+)
+
+
+def policy_op_batch(x: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor, *, masked: bool = True
+                    ) -> torch.Tensor:
     """One policy op per sample: x float (B, 3, H, W) with uint8 values, op (B,) long index into
     POLICY_OPS, magnitude (B,) float32 as torchvision draws it (signed). Returns the same layout.
 
-    Every op family is computed for the whole batch and each sample picks its own (masks, no host sync).
+    ``masked`` (the accelerator way): every family is computed for the whole batch and each sample
+    picks its own with a mask, no host sync. Otherwise (the CPU way) each family runs on the samples
+    that drew it only, gathered by index.
     """
-    pick = {name: _is(op, name).view(-1, 1, 1, 1) for name in POLICY_OPS}
-    geometric = functools.reduce(torch.logical_or, (pick[name] for name in _GEOMETRY))
-    blend = functools.reduce(torch.logical_or, (pick[name] for name in _BLENDS))
-    m = magnitude.view(-1, 1, 1, 1)
-    out = torch.where(geometric, _policy_warp(x, op, magnitude), x)
-    out = torch.where(blend, _policy_blend(x, op, magnitude), out)
-    shift = torch.exp2(8.0 - m)  # posterize keeps the top `bits` bits: floor(x / 2^(8 - bits)) * 2^(8 - bits)
-    out = torch.where(pick["Posterize"], x.div(shift).floor_().mul_(shift), out)
-    threshold = m.double().mul(255.0).float()  # solarize: the uint8 bound times the drawn fraction
-    out = torch.where(pick["Solarize"] & (x >= threshold), 255.0 - x, out)
-    out = torch.where(pick["Invert"], 255.0 - x, out)
-    out = torch.where(pick["AutoContrast"], _autocontrast(x), out)
-    return torch.where(pick["Equalize"], _equalize(x), out)
+    out = x.clone()
+    for names, kernel in _POLICY_FAMILIES:
+        chosen = functools.reduce(torch.logical_or, [op == _OP[name] for name in names])  # (B,)
+        if masked:
+            out = torch.where(chosen.view(-1, 1, 1, 1), kernel(x, op, magnitude), out)
+            continue
+        index = chosen.nonzero().flatten()
+        if index.numel():
+            out.index_copy_(0, index, kernel(x[index], op[index], magnitude[index]))
+    return out
 
 
 # AutoAugment's SVHN policy (torchvision's AutoAugmentPolicy.SVHN): 25 sub-policies of two

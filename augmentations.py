@@ -8,7 +8,8 @@ three faces:
   (``build_stage_transform``, ``stage1_basic`` ... ``stage5_occlusion``, ``ProbTransform``) that runs
   on PIL images one at a time inside DataLoader workers, as the original study did;
 - ``sample(draws)``: its per-sample random parameters for a whole batch, drawn in vectorized calls from
-  one ``torch.Generator`` with torchvision's distributions, as a typed parameter object;
+  one ``torch.Generator`` with torchvision's distributions, as a typed parameter object
+  (``augment_params``);
 - ``apply(x, params, context)``: the batched op on a float (B, 3, H, W) batch (kernels in ``augment_ops``).
 
 ``BatchAugment`` chains the batched faces. It returns float images in [0, 1] units; normalization is
@@ -29,16 +30,14 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torchvision.transforms import v2
 
 import config
 from augment_ops import (
-    POLICY_OPS,
-    SIGNED_OPS,
     SVHN_POLICY,
     WIDE_OPS,
     affine_batch,
@@ -54,185 +53,22 @@ from augment_ops import (
     rotate_batch,
     to_unit_float,
 )
+from augment_params import (
+    AffineParams,
+    ApplyContext,
+    AugmentParams,
+    BlurParams,
+    Draws,
+    EraseParams,
+    FlipParams,
+    JitterParams,
+    NoiseParams,
+    NormalizeParams,
+    PolicyParams,
+    RotateParams,
+)
 
-BILINEAR = v2.InterpolationMode.BILINEAR
-
-
-# --------------------------------------------------------------------------------------------
-# Random draws and sampled parameters.
-# --------------------------------------------------------------------------------------------
-
-
-class Draws:
-    """The random draws of one batch: ``n`` samples of ``size`` (H, W), all from ``gen``, on its device."""
-
-    def __init__(self, n: int, size: tuple[int, int], gen: torch.Generator):
-        self.n, self.size, self.gen = n, size, gen
-        self._normals: torch.Tensor | None = None
-
-    def uniform(self, lo: float, hi: float, *shape: int) -> torch.Tensor:
-        """U(lo, hi) of shape (n, *shape)."""
-        u = torch.rand((self.n, *shape), generator=self.gen, device=self.gen.device)
-        return u.mul_(hi - lo).add_(lo)
-
-    def bernoulli(self, p: float, *shape: int) -> torch.Tensor:
-        """Bool (n, *shape), True with probability p."""
-        return torch.rand((self.n, *shape), generator=self.gen, device=self.gen.device) < p
-
-    def integers(self, high: int, *shape: int) -> torch.Tensor:
-        """Uniform integers in [0, high), long (n, *shape)."""
-        return torch.randint(high, (self.n, *shape), generator=self.gen, device=self.gen.device)
-
-    def normals(self) -> torch.Tensor:
-        """N(0, 1) per pixel (n, 3, H, W), drawn once per batch and shared by noise and random erasing.
-
-        Erasing overwrites the noise inside its box, so the box's values and the noise left visible
-        come from disjoint pixels: independent, as with torchvision's two separate draws, at half the
-        cost of the largest draw.
-        """
-        if self._normals is None:
-            self._normals = torch.randn((self.n, 3, *self.size), generator=self.gen, device=self.gen.device)
-        return self._normals
-
-
-@dataclass(frozen=True)
-class OpParams:
-    """Sampled parameters of one op for a batch: tensor fields with the batch as first dimension."""
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]):
-        """The same parameters with ``fn`` applied to every tensor (device moves, sample subsets)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{k: fn(v) for k, v in values.items() if v is not None})
-
-    def describe(self, index: int) -> str:
-        """Sample ``index``'s parameters in a few words ("" when there is nothing to show)."""
-        return ""
-
-
-@dataclass(frozen=True)
-class FlipParams(OpParams):
-    flip: torch.Tensor  # bool (B,)
-
-    def describe(self, index: int) -> str:
-        return "flip" if bool(self.flip[index]) else ""
-
-
-@dataclass(frozen=True)
-class RotateParams(OpParams):
-    angle: torch.Tensor  # (B,) degrees, RandomRotation's convention (anticlockwise)
-
-    def describe(self, index: int) -> str:
-        return f"rot {float(self.angle[index]):+.0f}°"
-
-
-@dataclass(frozen=True)
-class AffineParams(OpParams):
-    angle: torch.Tensor  # (B,) degrees, RandomAffine's convention
-    translate: torch.Tensor  # (B, 2) integer pixels (tx, ty)
-    scale: torch.Tensor  # (B,)
-
-    def describe(self, index: int) -> str:
-        tx, ty = self.translate[index].tolist()
-        return f"rot {float(self.angle[index]):+.0f}° s {float(self.scale[index]):.2f}\nt ({tx:+.0f},{ty:+.0f}) px"
-
-
-@dataclass(frozen=True)
-class JitterParams(OpParams):
-    brightness: torch.Tensor  # (B,) factors
-    contrast: torch.Tensor  # (B,) factors
-    contrast_first: torch.Tensor  # bool (B,)
-
-    def describe(self, index: int) -> str:
-        return f"b {float(self.brightness[index]):.2f} c {float(self.contrast[index]):.2f}"
-
-
-@dataclass(frozen=True)
-class BlurParams(OpParams):
-    sigma: torch.Tensor  # (B,)
-
-    def describe(self, index: int) -> str:
-        return f"σ {float(self.sigma[index]):.2f}"
-
-
-@dataclass(frozen=True)
-class NoiseParams(OpParams):
-    noise: torch.Tensor  # (B, 3, H, W), N(0, std)
-
-    def describe(self, index: int) -> str:
-        return "+noise"
-
-
-@dataclass(frozen=True)
-class NormalizeParams(OpParams):
-    """Normalize draws nothing."""
-
-
-@dataclass(frozen=True)
-class EraseParams(OpParams):
-    erase: torch.Tensor  # bool (B,): a box is erased
-    box: torch.Tensor  # long (B, 4) = (top, left, height, width)
-    value: torch.Tensor | None = None  # (B, 3, H, W) N(0, 1) in normalized units when the spec's value is "random"
-
-    def describe(self, index: int) -> str:
-        return "erased" if bool(self.erase[index]) else "not erased"
-
-
-# Policy ops without a magnitude (torchvision passes 0.0 to them).
-_NO_MAGNITUDE = frozenset({"Identity", "AutoContrast", "Equalize", "Invert"})
-
-
-@dataclass(frozen=True)
-class PolicyParams(OpParams):
-    op: torch.Tensor  # long (B, R): index into augment_ops.POLICY_OPS per round (Identity: skipped)
-    magnitude: torch.Tensor  # float32 (B, R): the signed magnitude torchvision would pass to the op
-
-    def describe(self, index: int) -> str:
-        words = []
-        for op, magnitude in zip(self.op[index].tolist(), self.magnitude[index].tolist(), strict=True):
-            name = POLICY_OPS[op]
-            if name != "Identity":
-                number = f"{magnitude:+.2f}" if name in SIGNED_OPS else f"{magnitude:g}"
-                words.append(name if name in _NO_MAGNITUDE else f"{name} {number}")
-        return "\n".join(words) or "identity"
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """Everything one batch draws: ``apply`` bool (B,), the samples chosen by p_aug (the others stay
-    clean), and ``ops``, one parameter object per op of the stage, in the stage's order."""
-
-    apply: torch.Tensor
-    ops: tuple[OpParams, ...]
-
-    def __getitem__(self, op_type: type) -> OpParams:
-        """The parameters of the stage's op of type ``op_type`` (e.g. ``params[Affine]``)."""
-        for params in self.ops:
-            if params.__class__ is _PARAMS_OF[op_type]:
-                return params
-        raise KeyError(f"the stage has no {op_type.__name__} op")
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AugmentParams:
-        """The same parameters with ``fn`` applied to every tensor."""
-        return AugmentParams(fn(self.apply), tuple(params.map(fn) for params in self.ops))
-
-    def to(self, device) -> AugmentParams:
-        return self.map(lambda tensor: tensor.to(device))
-
-    def describe(self, index: int) -> str:
-        """Sample ``index`` in words, one line per op ("clean" when p_aug left it alone)."""
-        if not bool(self.apply[index]):
-            return "clean"
-        return "\n".join(text for params in self.ops if (text := params.describe(index))) or "clean"
-
-
-@dataclass(frozen=True)
-class ApplyContext:
-    """What the batched ops need besides their own parameters: the stage's channel statistics (erasing
-    acts in normalized units) and, when a flip is folded into the warp that follows it, the flip draw."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    folded_flip: torch.Tensor | None = None  # bool (B,)
+_BILINEAR = v2.InterpolationMode.BILINEAR
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +99,8 @@ def _non_finite_fields(op) -> list[str]:
 class HFlip:
     """Horizontal flip with probability ``p``."""
 
+    params_type: ClassVar[type] = FlipParams
+
     p: float = 0.5
 
     def __post_init__(self) -> None:
@@ -282,6 +120,8 @@ class HFlip:
 class Rotate:
     """Rotation by U(-degrees, degrees) about the centre, bilinear, constant ``fill``."""
 
+    params_type: ClassVar[type] = RotateParams
+
     degrees: float = 15.0
     fill: float = 0.0
 
@@ -290,7 +130,7 @@ class Rotate:
         config.require(0.0 <= self.fill <= 1.0, f"Rotate.fill must lie in [0, 1], got {self.fill}")
 
     def torchvision(self, mean, std) -> v2.Transform:
-        return v2.RandomRotation(self.degrees, interpolation=BILINEAR, fill=self.fill)
+        return v2.RandomRotation(self.degrees, interpolation=_BILINEAR, fill=self.fill)
 
     def sample(self, draws: Draws) -> RotateParams:
         return RotateParams(draws.uniform(-self.degrees, self.degrees))
@@ -302,6 +142,8 @@ class Rotate:
 @dataclass(frozen=True)
 class Affine:
     """Rotation, integer translation (fraction of width, height) and scaling, bilinear."""
+
+    params_type: ClassVar[type] = AffineParams
 
     degrees: float = 15.0
     translate: tuple[float, float] = (0.1, 0.1)
@@ -318,7 +160,7 @@ class Affine:
         config.require(0.0 <= self.fill <= 1.0, f"Affine.fill must lie in [0, 1], got {self.fill}")
 
     def torchvision(self, mean, std) -> v2.Transform:
-        return v2.RandomAffine(self.degrees, self.translate, self.scale, interpolation=BILINEAR, fill=self.fill)
+        return v2.RandomAffine(self.degrees, self.translate, self.scale, interpolation=_BILINEAR, fill=self.fill)
 
     def sample(self, draws: Draws) -> AffineParams:
         h, w = draws.size
@@ -338,6 +180,8 @@ class Affine:
 @dataclass(frozen=True)
 class ColorJitter:
     """Brightness and contrast factors U(1 - b, 1 + b), U(1 - c, 1 + c), in random order."""
+
+    params_type: ClassVar[type] = JitterParams
 
     brightness: float = 0.2
     contrast: float = 0.2
@@ -365,6 +209,8 @@ class ColorJitter:
 class GaussianBlur:
     """Gaussian blur, odd ``kernel`` size, sigma ~ U(sigma), reflect padding."""
 
+    params_type: ClassVar[type] = BlurParams
+
     kernel: int = 3
     sigma: tuple[float, float] = (0.1, 1.2)
 
@@ -389,6 +235,8 @@ class GaussianBlur:
 class GaussianNoise:
     """Additive N(0, std) noise per pixel on [0, 1] images, clamped back to [0, 1]."""
 
+    params_type: ClassVar[type] = NoiseParams
+
     std: float = 0.03
 
     def __post_init__(self) -> None:
@@ -409,6 +257,8 @@ class Normalize:
     """Where the per-sample path normalizes (the stage's mean and std). The batched path leaves the
     normalization to the loader; ops after this marker act in normalized units."""
 
+    params_type: ClassVar[type] = NormalizeParams
+
     def torchvision(self, mean, std) -> v2.Transform:
         return v2.Normalize(list(mean), list(std))
 
@@ -423,6 +273,8 @@ class Normalize:
 class Erase:
     """Random erasing after normalization: one box, ``value`` a constant or "random" N(0, 1) pixels
     (both in normalized units)."""
+
+    params_type: ClassVar[type] = EraseParams
 
     p: float = 0.5
     scale: tuple[float, float] = (0.02, 0.15)
@@ -486,6 +338,8 @@ class LearnedPolicy:
     probability 1/2 for signed ops; the ops reproduce torchvision's uint8 kernels.
     """
 
+    params_type: ClassVar[type] = PolicyParams
+
     name: str
 
     def __post_init__(self) -> None:
@@ -521,17 +375,13 @@ class LearnedPolicy:
         """The drawn ops in turn on uint8 values (x is float in [0, 1]; 1/255 steps when it came from uint8)."""
         values = x.mul_(255.0).round_()
         for step in range(params.op.shape[1]):
-            values = policy_op_batch(values, params.op[:, step], params.magnitude[:, step])
+            values = policy_op_batch(values, params.op[:, step], params.magnitude[:, step], masked=context.masked)
         return values.mul_(1.0 / 255)
 
 
 OpSpec = (
     HFlip | Rotate | Affine | ColorJitter | GaussianBlur | GaussianNoise | Normalize | Erase | LearnedPolicy
 )
-# The parameter class each op samples (AugmentParams looks parameters up by op type).
-_PARAMS_OF = {HFlip: FlipParams, Rotate: RotateParams, Affine: AffineParams, ColorJitter: JitterParams,
-              GaussianBlur: BlurParams, GaussianNoise: NoiseParams, Normalize: NormalizeParams,
-              Erase: EraseParams, LearnedPolicy: PolicyParams}
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,13 +657,13 @@ class BatchAugment:
         everyone = chosen.numel() == x.shape[0]  # then slices: views instead of gathered copies
         for start in range(0, chosen.numel(), _CPU_CHUNK):
             index = slice(start, start + _CPU_CHUNK) if everyone else chosen[start:start + _CPU_CHUNK]
-            x[index] = self._augment(x[index], params.map(lambda tensor, index=index: tensor[index]))
+            x[index] = self._augment(x[index], params.map(lambda tensor, index=index: tensor[index]), masked=False)
         return x
 
-    def _augment(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, params: AugmentParams, masked: bool = True) -> torch.Tensor:
         """Every op on every sample given: float (B, 3, H, W) in [0, 1], overwritten."""
         flip = params[HFlip].flip if self._fold_flip else None
-        context = ApplyContext(self.mean, self.std, flip)
+        context = ApplyContext(self.mean, self.std, flip, masked)
         for op, op_params in zip(self.ops, params.ops, strict=True):
             x = op.apply(x, op_params, context)
         return x

@@ -1,16 +1,22 @@
 """Throughput of the augmentation stages: the original per-sample path vs BatchAugment.
 
-For each base stage (none .. stage5_occlusion), in one run and on the same images:
+For each base stage (none .. stage5_occlusion) and each learned policy (AutoAugment SVHN,
+RandAugment, TrivialAugmentWide), in one run and on the same images:
 (a) per-sample: PIL images through the torchvision Compose of ``build_stage_transform``, one image
     at a time in this process (what each DataLoader worker of the original study did), measured with
     torch's default thread count and with one thread (DataLoader workers run single-threaded; tiny
     per-image tensor ops are often faster so); ratios use the faster of the two;
 (b) batched: ``BatchAugment(stage, p_aug=1)`` on uint8 batches already on the device (CPU, and CUDA
-    when present), parameters sampled and applied per batch.
+    when present), parameters sampled and applied per batch; on the CPU also with one thread (on a
+    machine shared with other processes one thread often wins); ratios use the faster;
+(c) per batch of the accelerator path (forced on the CPU), sampling + apply + normalization: aten ops
+    (a TorchDispatchMode; about the kernel launches a GPU would see, views included and excluded) and
+    host syncs (``augment_ops.count_host_syncs``; the goal is 0).
 Images per second are printed as a table with the batched/per-sample ratio and written to
 benchmarks/results/augment_<device-tag>.json (with a -threads<N> suffix when --threads is given).
 
-    python benchmarks/bench_augment.py [--batch-size 1024] [--n 4096] [--device cpu|cuda|all] [--threads N]
+    python benchmarks/bench_augment.py [--batch-size 1024] [--n 4096] [--n-per-sample 1024]
+                                       [--device cpu|cuda|all] [--threads N]
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import augmentations  # noqa: E402
 import config  # noqa: E402
 from atomic_io import atomic_write_json  # noqa: E402
+from augment_ops import count_host_syncs, normalize_batch  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 # Passes per measurement; the fastest is reported (timeit's convention: on a shared machine the
@@ -65,14 +73,51 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def batched_pass(augment, generator, images: torch.Tensor, batch_size: int) -> float:
+def batched_pass(augment, generator, images: torch.Tensor, batch_size: int, threads: int | None = None) -> float:
     """Images/s of one pass of BatchAugment over ``images`` (already on the device), batch by batch."""
-    sync(images.device)
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        augment(images[i:i + batch_size], generator)
-    sync(images.device)
-    return len(images) / (time.perf_counter() - start)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        sync(images.device)
+        start = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            augment(images[i:i + batch_size], generator)
+        sync(images.device)
+        return len(images) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+class _AtenCounter(TorchDispatchMode):
+    """Counts aten ops (views apart, since they launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.views += bool(getattr(func, "is_view", False))
+        return func(*args, **(kwargs or {}))
+
+
+def accelerator_path_costs(stage: str, images: torch.Tensor, batch_size: int) -> dict[str, int]:
+    """Aten ops and host syncs of one batch on the accelerator path, forced on the CPU: sampling, apply and
+    the loader's normalization (after a warm-up batch, which makes the cached constants)."""
+    augment = augmentations.BatchAugment(stage, 1.0, accelerator_path=True)
+    batch, generator = images[:batch_size].cpu(), torch.Generator().manual_seed(0)
+
+    def one_batch():
+        return normalize_batch(augment(batch, generator), config.SVHN_MEAN, config.SVHN_STD, inplace=True)
+
+    one_batch()
+    counter = _AtenCounter()
+    with counter:
+        one_batch()
+    with count_host_syncs() as syncs:
+        one_batch()
+    return {"aten_ops_per_batch": counter.ops, "aten_ops_per_batch_without_views": counter.ops - counter.views,
+            "host_syncs_per_batch": syncs.total}
 
 
 def measure_stage(stage: str, pil_images: list, on_device: dict, batch_size: int) -> dict[str, list[float]]:
@@ -92,6 +137,9 @@ def measure_stage(stage: str, pil_images: list, on_device: dict, batch_size: int
         for device, images in on_device.items():
             rate = batched_pass(augment, generators[device], images, batch_size)
             passes.setdefault(f"batched_{device}", []).append(rate)
+            if device == "cpu":
+                rate = batched_pass(augment, generators[device], images, batch_size, threads=1)
+                passes.setdefault("batched_cpu_1thread", []).append(rate)
     return passes
 
 
@@ -116,19 +164,21 @@ def device_tag(devices: list[str]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run(batch_size: int, n: int, devices: list[str]) -> dict:
-    """Measure every base stage; returns the JSON-ready report."""
+def run(batch_size: int, n: int, n_per_sample: int, devices: list[str]) -> dict:
+    """Measure every base stage and learned policy; returns the JSON-ready report."""
     load_before = os.getloadavg()
     images = make_images(n)
-    pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+    pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images[:n_per_sample]]
     on_device = {device: images.to(device) for device in devices}
     stages = {}
-    for stage in config.STAGES:
+    for stage in config.STAGES + config.POLICY_STAGES:
         passes = measure_stage(stage, pil_images, on_device, batch_size)
         row = {key: max(rates) for key, rates in passes.items()}
         best_per_sample = max(row["per_sample"], row["per_sample_1thread"])
         for device in devices:
-            row[f"ratio_{device}"] = row[f"batched_{device}"] / best_per_sample
+            best = max(row[f"batched_{device}"], row.get(f"batched_{device}_1thread", 0.0))
+            row[f"ratio_{device}"] = best / best_per_sample
+        row.update(accelerator_path_costs(stage, images, batch_size))
         row["passes"] = passes
         stages[stage] = row
         print_row(stage, row, devices)
@@ -142,6 +192,7 @@ def run(batch_size: int, n: int, devices: list[str]) -> dict:
         "devices": {device: device_name(device) for device in devices},
         "batch_size": batch_size,
         "n_images": n,
+        "n_images_per_sample_path": n_per_sample,
         "p_aug": 1.0,
         "unit": "images per second",
         "stages": stages,
@@ -149,20 +200,24 @@ def run(batch_size: int, n: int, devices: list[str]) -> dict:
 
 
 def print_header(devices: list[str]) -> None:
-    cols = "".join(f" {'batched ' + d:>14} {'ratio':>7}" for d in devices)
-    print(f"{'stage':<20} {'per-sample':>11} {'1 thread':>9}{cols}")
+    cols = "".join(f" {'batched ' + d:>14}" + (f" {'1 thread':>9}" if d == "cpu" else "") + f" {'ratio':>7}"
+                   for d in devices)
+    print(f"{'stage':<20} {'per-sample':>11} {'1 thread':>9}{cols} {'aten ops':>9} {'syncs':>6}")
 
 
 def print_row(stage: str, row: dict, devices: list[str]) -> None:
-    cols = "".join(f" {row[f'batched_{d}']:>14,.0f} {row[f'ratio_{d}']:>6.1f}x" for d in devices)
-    print(f"{stage:<20} {row['per_sample']:>11,.0f} {row['per_sample_1thread']:>9,.0f}{cols}", flush=True)
+    cols = "".join(f" {row[f'batched_{d}']:>14,.0f}" + (f" {row['batched_cpu_1thread']:>9,.0f}" if d == "cpu" else "")
+                   + f" {row[f'ratio_{d}']:>6.1f}x" for d in devices)
+    print(f"{stage:<20} {row['per_sample']:>11,.0f} {row['per_sample_1thread']:>9,.0f}{cols} "
+          f"{row['aten_ops_per_batch']:>9} {row['host_syncs_per_batch']:>6}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--n", type=int, default=4096, help="images per measurement")
+    parser.add_argument("--n", type=int, default=4096, help="images per measurement of the batched path")
+    parser.add_argument("--n-per-sample", type=int, default=1024, help="images per measurement of the per-sample path")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="batched engine on the CPU, on CUDA, or both (all: CUDA only when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -174,10 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else (
         ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch {args.batch_size}, "
-          f"{args.n} images, p_aug 1.0; images/s, fastest of {REPEATS} passes; "
-          "ratio = batched / faster per-sample")
+          f"{args.n} images ({args.n_per_sample} per sample), p_aug 1.0; images/s, fastest of {REPEATS} passes; "
+          "ratio = faster batched / faster per-sample; aten ops and host syncs per batch of the accelerator path "
+          "(on the CPU)")
     print_header(devices)
-    report = run(args.batch_size, args.n, devices)
+    report = run(args.batch_size, args.n, min(args.n_per_sample, args.n), devices)
     tag = device_tag(devices) + (f"-threads{args.threads}" if args.threads is not None else "")
     path = atomic_write_json(RESULTS_DIR / f"augment_{tag}.json", report)
     print(f"wrote {path.relative_to(ROOT)}")

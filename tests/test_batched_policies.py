@@ -83,10 +83,11 @@ def test_each_policy_op_equals_torchvision_functional_on_uint8(images, name):
     assert torch.equal(out, reference.float())
 
 
-def test_ops_are_picked_per_sample_in_one_batch(images):
+@pytest.mark.parametrize("masked", [True, False])  # the accelerator's masks, the CPU's gathering by index
+def test_ops_are_picked_per_sample_in_one_batch(images, masked):
     op = torch.arange(len(images)) % len(O.POLICY_OPS)
     magnitude = torch.tensor([MAGNITUDES[O.POLICY_OPS[k]][-2 % len(MAGNITUDES[O.POLICY_OPS[k]])] for k in op.tolist()])
-    out = O.policy_op_batch(images.float(), op, magnitude)
+    out = O.policy_op_batch(images.float(), op, magnitude, masked=masked)
     for k in range(len(images)):
         expected = reference_op(images[k], O.POLICY_OPS[int(op[k])], float(magnitude[k]))
         assert torch.equal(out[k], expected.float()), O.POLICY_OPS[int(op[k])]
