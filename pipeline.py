@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,8 +28,10 @@ from reports import (
 )
 from runs import (
     DEFAULT_SEVERITIES,
+    announcer,
     best_val_f1,
     canonical_config,
+    check_device,
     parse_digits,
     read_report,
     report_path,
@@ -37,8 +40,8 @@ from runs import (
     train_model,
 )
 from stats import compare_groups, format_estimate, seed_summary
-from training import DivergenceError
-from work_queue import create_tuning_study, default_storage, enqueue_cells, open_storage, run_worker
+from training import DivergenceError, format_duration
+from work_queue import create_tuning_study, default_storage, enqueue_cells, open_storage, queue_status, run_worker
 
 TUNE_QUEUE_NAME = "tuning"  # prefixed with the dataset: "<dataset>-tuning"
 
@@ -75,12 +78,37 @@ def worker(storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME, *, 
     another worker (see work_queue). ``run`` loads a finished report, so a rare double claim
     never trains twice.
     """
+    config.require(heartbeat > 0, f"heartbeat must be a positive number of seconds, got {heartbeat}")
+    queue = open_storage(storage or default_storage())
+    announce = CellProgress(queue, queue_name, announcer(quiet))
+
     def execute(cell: dict) -> dict:
+        announce(cell)
         return run(TrainConfig(**cell["config"]), device=device, quiet=quiet,
                    severities=tuple(cell["severities"]))
 
-    return run_worker(open_storage(storage or default_storage()), queue_name, execute,
-                      value_key=None, heartbeat_interval=heartbeat, grace_period=4 * heartbeat)
+    return run_worker(queue, queue_name, execute, value_key=None, heartbeat_interval=heartbeat,
+                      grace_period=4 * heartbeat)
+
+
+class CellProgress:
+    """Announces each cell a worker takes as "cell k/N", with an ETA from this worker's pace so far
+    (k counts the queue's finished cells, so workers that join later count on)."""
+
+    def __init__(self, storage, queue_name: str, say: Callable[[str], None]) -> None:
+        self.storage, self.queue_name, self.say = storage, queue_name, say
+        self.started = time.perf_counter()
+        self.taken = 0
+
+    def __call__(self, cell: dict) -> None:
+        status = queue_status(self.storage, self.queue_name)
+        done, total = status["n_done"], status["n_cells"]
+        eta = ""
+        if self.taken:
+            per_cell = (time.perf_counter() - self.started) / self.taken
+            eta = f", ETA {format_duration(per_cell * (total - done))}"
+        self.taken += 1
+        self.say(f"cell {done + 1}/{total}: {cell['cell_key']}{eta}")
 
 
 def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GRID, seeds=(42,), *,
@@ -92,6 +120,7 @@ def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GR
     ``workers > 1`` starts that many worker processes on this machine; more workers on other
     machines can join with ``python experiments.py worker --storage URL --study NAME``.
     """
+    config.require(workers >= 1, f"workers must be at least 1, got {workers}")
     base = base or config.preset_config("original")
     configs = grid_configs(models, stages, p_augs, seeds, base)
     storage = storage or default_storage()
@@ -147,8 +176,10 @@ def tune(n_trials: int = 40, *, base: TrainConfig | None = None, epochs: int = 3
     A diverging trial (non-finite loss) is recorded as failed with its reason and the study
     goes on. Returns the Optuna study; figures go to reports/figures/.
     """
+    config.require(n_trials >= 1, f"n_trials must be at least 1, got {n_trials}")
+    config.require(epochs >= 1, f"a trial needs at least 1 epoch, got {epochs}")
     base = base or config.preset_config("original", model="resnet18", stage="stage1_basic")
-    device = config.resolve_device(device)
+    device = check_device(device)
     tuning = create_tuning_study(queue_name or f"{base.dataset}-{TUNE_QUEUE_NAME}", storage or default_storage(), seed)
     finished = [t for t in tuning.trials if t.state.is_finished()]
     remaining = max(0, n_trials - len(finished))

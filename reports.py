@@ -15,7 +15,7 @@ import config
 import visualization as viz
 from atomic_io import atomic_write_text
 from data_loading import compute_channel_stats, load_split
-from runs import ReportError, best_val_f1, model_path, parse_digits, read_report
+from runs import ReportError, best_val_f1, model_path, parse_digits, read_report, report_path
 from stats import FAMILY_METHOD, at_chance, chance_band, compare_family, format_estimate, seed_summary, still_improving
 from work_queue import is_storage, open_storage, reports_from_storage
 
@@ -390,7 +390,9 @@ def _best_cell_figures(frame, cells, dataset, model, out_dir) -> list[Path]:
 
 
 def _distillation_figure(table: dict, out_dir: Path) -> Path:
-    fig = viz.plot_distillation_comparison(table["rows"], dataset=table["dataset"])
+    teacher = read_report(report_path(table["rows"][0]["run_id"]))
+    fig = viz.plot_distillation_comparison(table["rows"], dataset=table["dataset"], budget=run_budget(teacher),
+                                           chance=chance_band(parse_digits(teacher["test_labels"])))
     return save_and_close(fig, out_dir / f"{table['dataset']}_distillation.png")
 
 

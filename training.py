@@ -646,10 +646,11 @@ def epoch_line(record: dict, epochs: int, seconds_left: float) -> str:
     """"epoch 3/15  loss 0.4123  val macro-F1 0.8710  img/s 12,345  ETA 1m05s" for one history record."""
     return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
             f"val macro-F1 {record['val_f1_macro']:.4f}  img/s {record['train_images_per_s']:,.0f}  "
-            f"ETA {_duration(seconds_left)}")
+            f"ETA {format_duration(seconds_left)}")
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """"1m05s" or "2h03m": a duration as progress lines show it."""
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
