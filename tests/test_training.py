@@ -18,6 +18,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from torch import nn
 
+import checkpoints
 import config
 import training
 from augmentations import BatchAugment
@@ -708,10 +709,10 @@ def test_checkpoint_saves_and_restores_the_mps_generator(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     net, cfg = tiny_net(), tiny_cfg()
     optimizer = build_optimizer(net, cfg)
-    state = training.RunState(epoch=1, best_state=training.cpu_state(net), best_epoch=1, best_f1=0.5)
-    path = training.save_checkpoint(tmp_path / "run.ckpt", cfg, net, optimizer, None, state, ([], []),
-                                    torch.device("mps"))
-    loaded = training.load_checkpoint(path, cfg, tiny_net(seed=1), build_optimizer(net, cfg), None, ([], []))
+    state = checkpoints.RunState(epoch=1, best_state=checkpoints.cpu_state(net), best_epoch=1, best_f1=0.5)
+    path = checkpoints.save_checkpoint(tmp_path / "run.ckpt", cfg, net, optimizer, None, state, ([], []),
+                                       torch.device("mps"))
+    loaded = checkpoints.load_checkpoint(path, cfg, tiny_net(seed=1), build_optimizer(net, cfg), None, ([], []))
     assert (loaded.epoch, loaded.best_epoch, loaded.best_f1) == (1, 1, 0.5)
     assert len(restored) == 1 and torch.equal(restored[0], saved_state)
 
@@ -833,10 +834,10 @@ def test_checkpoint_keeps_the_previous_one(tmp_path):
         fit(tiny_net(), *loaders(), tiny_cfg(epochs=3), "cpu", quiet=True, checkpoint_path=path,
             on_epoch_end=crash_after_epoch(2))
     latest = torch.load(path, weights_only=True)
-    previous = torch.load(training.previous_checkpoint_path(path), weights_only=True)
+    previous = torch.load(checkpoints.previous_checkpoint_path(path), weights_only=True)
     assert (latest["epoch"], previous["epoch"]) == (2, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt", "run.ckpt.prev"]
-    training.remove_checkpoint(path)
+    checkpoints.remove_checkpoint(path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -868,7 +869,7 @@ def test_a_run_with_no_readable_checkpoint_restarts_with_a_warning(tmp_path):
         fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True, checkpoint_path=path,
             on_epoch_end=crash_after_epoch(2))
     truncate(path)
-    truncate(training.previous_checkpoint_path(path), keep=0.1)
+    truncate(checkpoints.previous_checkpoint_path(path), keep=0.1)
     with pytest.warns(RuntimeWarning, match="restarts from its first epoch"):
         again = fit(tiny_net(), *loaders(), cfg, "cpu", quiet=True, checkpoint_path=path)
     assert again["resumed_from_epoch"] == 0
