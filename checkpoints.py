@@ -62,6 +62,14 @@ class RunState:
     best_epoch: int = 0
     best_f1: float = -1.0
 
+    def add_epoch(self, record: dict, model: nn.Module) -> None:
+        """Append a finished epoch's record (its "epoch" and "val_f1_macro" are read); keep a CPU copy of
+        ``model``'s weights when that macro-F1 is the best so far."""
+        self.history.append(record)
+        self.epoch = record["epoch"]
+        if record["val_f1_macro"] > self.best_f1:
+            self.best_state, self.best_epoch, self.best_f1 = cpu_state(model), self.epoch, record["val_f1_macro"]
+
 
 def previous_checkpoint_path(path: str | Path) -> Path:
     """Where ``save_checkpoint`` keeps the checkpoint it replaced: ``<path>.prev``."""

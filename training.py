@@ -50,7 +50,7 @@ with warnings.catch_warnings():
 
 import atomic_io
 import config
-from checkpoints import RunState, cpu_state, load_checkpoint, save_checkpoint
+from checkpoints import RunState, load_checkpoint, save_checkpoint
 from stats import metrics_from_confusion
 
 # A diverged loss is looked for on the host every this many steps (never waiting for a CUDA device).
@@ -605,12 +605,7 @@ def fit(
     """
     quiet = quiet if progress is None else not progress
     device = torch.device(device)
-    model.to(device)
-    prepare_model(model, device)  # before the optimizer builds its state in the same memory format
-    if teacher is not None:
-        teacher.to(device).eval()
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, _steps_per_epoch(train_loader, cfg.compile))
+    optimizer, scheduler = _prepare_fit(model, teacher, train_loader, cfg, device)
     loaders = (train_loader, val_loader)
     state = RunState()
     if checkpoint_path is not None:
@@ -622,10 +617,7 @@ def fit(
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             record = _fit_epoch(epoch, train_model, model, loaders, optimizer, scheduler, cfg, device,
                                 teacher, quiet)
-            state.history.append(record)
-            state.epoch = epoch
-            if record["val_f1_macro"] > state.best_f1:
-                state.best_state, state.best_epoch, state.best_f1 = cpu_state(model), epoch, record["val_f1_macro"]
+            state.add_epoch(record, model)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, state, loaders, device)
             log.epoch_done(record, state.history)
@@ -642,6 +634,16 @@ def fit(
         "seconds_per_epoch": [r["seconds"] for r in state.history],
         "resumed_from_epoch": resumed_from,
     }
+
+
+def _prepare_fit(model, teacher, train_loader, cfg, device: torch.device):
+    """Move the networks to ``device`` and build fit's (optimizer, scheduler)."""
+    model.to(device)
+    prepare_model(model, device)  # before the optimizer builds its state in the same memory format
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = build_optimizer(model, cfg)
+    return optimizer, build_scheduler(optimizer, cfg, _steps_per_epoch(train_loader, cfg.compile))
 
 
 def _fit_epoch(epoch, train_model, model, loaders, optimizer, scheduler, cfg, device, teacher, quiet) -> dict:
