@@ -31,6 +31,7 @@ from augmentations import (
     stage_fingerprint,
     stage_ops,
 )
+from checkpoints import remove_checkpoint
 from config import ConfigError, TrainConfig
 from data_loading import (
     DeviceLoader,
@@ -43,7 +44,7 @@ from data_loading import (
 )
 from model import build_model, count_params
 from stats import at_chance, bootstrap_ci, chance_band, still_improving
-from training import compute_metrics, device_label, fit, predict, remove_checkpoint, synchronize
+from training import compute_metrics, device_label, fit, predict, synchronize
 
 REPORT_SCHEMA_VERSION = 1
 CORRUPTION_SEED = 1234  # the corrupted test copies are the same for every run

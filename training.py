@@ -15,7 +15,8 @@ stay float32. On the CPU and on Apple's MPS everything stays float32 (channels_l
 
 ``fit`` prints one line per epoch (loss, validation macro-F1, images/s, ETA) unless ``quiet``, with a
 per-step bar on a terminal or in a notebook; it can also log each epoch to a CSV file and to
-TensorBoard. Its checkpoints keep the previous one (``<checkpoint>.prev``) until a new one is complete.
+TensorBoard. Its checkpoints (``checkpoints.py``) keep the previous one (``<checkpoint>.prev``) until a new
+one is complete.
 
 Randomness comes from the caller: seed the globals (``data_loading.set_seed``) before building the
 model; the loaders own their generators. Nothing here reseeds anything.
@@ -26,10 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import dataclasses
 import io
-import os
-import pickle
 import platform
 import subprocess
 import sys
@@ -52,6 +50,7 @@ with warnings.catch_warnings():
 
 import atomic_io
 import config
+from checkpoints import RunState, load_checkpoint, save_checkpoint
 from stats import metrics_from_confusion
 
 # A diverged loss is looked for on the host every this many steps (never waiting for a CUDA device).
@@ -65,9 +64,6 @@ FUSED_DEVICES = ("cuda", "cpu")
 # The model's forward pass runs in autocast with this dtype on these device types; everything else
 # (MPS included, until bf16 is shown to work there) stays float32.
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"cuda": torch.bfloat16}
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_KEYS = frozenset({"format", "config", "epoch", "model", "optimizer", "scheduler", "history",
-                             "best_state", "best_epoch", "best_f1", "loader_states", "rng"})
 
 
 class DivergenceError(RuntimeError):
@@ -489,155 +485,6 @@ def evaluate(model: nn.Module, loader: Iterable, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# A whole run: fit with best-epoch selection and resumable checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of ``model.state_dict()`` on the CPU (what a checkpoint keeps as the best weights)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _loader_states(train_loader, val_loader) -> dict:
-    loaders = {"train": train_loader, "val": val_loader}
-    return {name: loader.state_dict() for name, loader in loaders.items() if hasattr(loader, "state_dict")}
-
-
-def _rng_state(device: torch.device) -> dict:
-    # The global generators drive dropout (and anything else the model draws).
-    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-    mps = torch.mps.get_rng_state() if device.type == "mps" else None
-    return {"cpu": torch.get_rng_state(), "cuda": cuda, "mps": mps}
-
-
-def _restore_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if rng.get("mps") is not None and torch.backends.mps.is_available():  # absent in older checkpoints
-        torch.mps.set_rng_state(rng["mps"])
-
-
-@dataclasses.dataclass
-class RunState:
-    """What fit carries from epoch to epoch (and through a checkpoint)."""
-
-    epoch: int = 0  # last finished epoch
-    history: list = dataclasses.field(default_factory=list)
-    best_state: dict | None = None  # cpu_state of the best epoch's model
-    best_epoch: int = 0
-    best_f1: float = -1.0
-
-
-def previous_checkpoint_path(path: str | Path) -> Path:
-    """Where ``save_checkpoint`` keeps the checkpoint it replaced: ``<path>.prev``."""
-    path = Path(path)
-    return path.with_name(path.name + ".prev")
-
-
-def save_checkpoint(path: str | Path, cfg: config.TrainConfig, model: nn.Module, optimizer, scheduler,
-                    state: RunState, loaders: tuple, device) -> Path:
-    """Save everything a run needs to resume (weights, optimizer, scheduler, ``state``, the generators of
-    the (train, val) ``loaders`` that have ``state_dict``, the global RNG of the CPU and ``device``).
-
-    The new file is complete on disk before it replaces ``path``; the one it replaces is kept as
-    ``previous_checkpoint_path(path)``, so a crash at any moment leaves a readable checkpoint."""
-    path = Path(path)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": dataclasses.asdict(cfg),
-        "epoch": state.epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "history": state.history,
-        "best_state": state.best_state,
-        "best_epoch": state.best_epoch,
-        "best_f1": state.best_f1,
-        "loader_states": _loader_states(*loaders),
-        "rng": _rng_state(torch.device(device)),
-    }
-    fresh = atomic_io.atomic_torch_save(payload, path.with_name(path.name + ".next"))
-    if path.exists():
-        os.replace(path, previous_checkpoint_path(path))
-    os.replace(fresh, path)
-    return path
-
-
-def remove_checkpoint(path: str | Path) -> None:
-    """Delete a run's checkpoint and the previous one kept beside it (once the run is finished)."""
-    path = Path(path)
-    for stale in (path, previous_checkpoint_path(path), path.with_name(path.name + ".next")):
-        stale.unlink(missing_ok=True)
-
-
-def _read_checkpoint(path: Path) -> dict | None:
-    """The checkpoint's contents, or None (with a warning) when the file is damaged or incomplete."""
-    try:
-        # Only tensors and plain containers inside, so the safe weights_only loader reads it.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        reason = str(err).split(". ")[0] or type(err).__name__  # torch's first sentence says enough
-        if path.stat().st_size == 0:
-            reason = "the file is empty"
-        warnings.warn(f"checkpoint {path} is damaged and cannot be read ({reason})", RuntimeWarning,
-                      stacklevel=4)
-        return None
-    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-    if missing:
-        warnings.warn(f"checkpoint {path} is incomplete and cannot be read (no {sorted(missing)})",
-                      RuntimeWarning, stacklevel=4)
-        return None
-    return ckpt
-
-
-def _newest_readable_checkpoint(path: Path) -> tuple[Path, dict] | None:
-    """(file, contents) of ``path``, else of the previous checkpoint; None when neither is readable."""
-    candidates = [c for c in (path, previous_checkpoint_path(path)) if c.exists()]
-    for candidate in candidates:
-        ckpt = _read_checkpoint(candidate)
-        if ckpt is not None:
-            if candidate != path:
-                warnings.warn(f"resuming from the previous checkpoint {candidate} (one epoch more to train)",
-                              RuntimeWarning, stacklevel=3)
-            return candidate, ckpt
-    if candidates:
-        warnings.warn(f"no readable checkpoint at {path}: the run restarts from its first epoch",
-                      RuntimeWarning, stacklevel=3)
-    return None
-
-
-def load_checkpoint(path: str | Path, cfg: config.TrainConfig, model: nn.Module, optimizer, scheduler,
-                    loaders: tuple) -> RunState:
-    """Restore what ``save_checkpoint`` saved into the model, optimizer, scheduler, loaders and the
-    global RNG, and return the run's state; a fresh ``RunState()`` (nothing restored) when there is no
-    checkpoint. A damaged latest checkpoint falls back to the previous one, and a run with none readable
-    restarts from scratch, each with a warning. Raises ConfigError for a checkpoint of another
-    configuration."""
-    found = _newest_readable_checkpoint(Path(path))
-    if found is None:
-        return RunState()
-    source, ckpt = found
-    saved_cfg = ckpt["config"]
-    if saved_cfg != dataclasses.asdict(cfg):
-        changed = sorted(k for k in saved_cfg.keys() | dataclasses.asdict(cfg).keys()
-                         if saved_cfg.get(k) != getattr(cfg, k, None))
-        raise config.ConfigError(
-            f"checkpoint {source} belongs to another configuration (fields {changed} differ); "
-            f"delete it or resume with the same TrainConfig"
-        )
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    for name, loader in zip(("train", "val"), loaders, strict=True):
-        if name in ckpt["loader_states"]:
-            loader.load_state_dict(ckpt["loader_states"][name])
-    _restore_rng_state(ckpt["rng"])
-    return RunState(ckpt["epoch"], ckpt["history"], ckpt["best_state"], ckpt["best_epoch"], ckpt["best_f1"])
-
-
-# ---------------------------------------------------------------------------------------------
 # Watching a run: a line per epoch, a CSV log, TensorBoard
 # ---------------------------------------------------------------------------------------------
 
@@ -742,7 +589,7 @@ def fit(
     of the model on full batches only (the trailing partial batch is skipped, so nothing recompiles)
     and validation runs the uncompiled model. With ``checkpoint_path`` the whole state (weights,
     optimizer, scheduler, history, best weights, loader generators, global RNG) is saved after every
-    epoch (see ``save_checkpoint``), and a run that finds it resumes after its last finished epoch: on
+    epoch (see ``checkpoints.save_checkpoint``), and a run that finds it resumes after its last finished epoch: on
     the CPU the resumed run ends with exactly the weights and history (timings aside) of an
     uninterrupted one. ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoint; it may raise
     to stop the run (e.g. Optuna pruning), in which case the last epoch's weights stay on the model.
@@ -759,12 +606,7 @@ def fit(
     """
     quiet = quiet if progress is None else not progress
     device = torch.device(device)
-    model.to(device)
-    prepare_model(model, device)  # before the optimizer builds its state in the same memory format
-    if teacher is not None:
-        teacher.to(device).eval()
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, _steps_per_epoch(train_loader, cfg.compile))
+    optimizer, scheduler = _prepare_fit(model, teacher, train_loader, cfg, device)
     loaders = (train_loader, val_loader)
     state = RunState()
     if checkpoint_path is not None:
@@ -776,10 +618,7 @@ def fit(
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             record = _fit_epoch(epoch, train_model, model, loaders, optimizer, scheduler, cfg, device,
                                 teacher, quiet)
-            state.history.append(record)
-            state.epoch = epoch
-            if record["val_f1_macro"] > state.best_f1:
-                state.best_state, state.best_epoch, state.best_f1 = cpu_state(model), epoch, record["val_f1_macro"]
+            state.add_epoch(record, model)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, state, loaders, device)
             log.epoch_done(record, state.history)
@@ -796,6 +635,16 @@ def fit(
         "seconds_per_epoch": [r["seconds"] for r in state.history],
         "resumed_from_epoch": resumed_from,
     }
+
+
+def _prepare_fit(model, teacher, train_loader, cfg, device: torch.device):
+    """Move the networks to ``device`` and build fit's (optimizer, scheduler)."""
+    model.to(device)
+    prepare_model(model, device)  # before the optimizer builds its state in the same memory format
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = build_optimizer(model, cfg)
+    return optimizer, build_scheduler(optimizer, cfg, _steps_per_epoch(train_loader, cfg.compile))
 
 
 def _fit_epoch(epoch, train_model, model, loaders, optimizer, scheduler, cfg, device, teacher, quiet) -> dict:

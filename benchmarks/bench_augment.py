@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import re
 import sys
 import time
@@ -41,6 +40,7 @@ import augmentations  # noqa: E402
 import config  # noqa: E402
 from atomic_io import atomic_write_json  # noqa: E402
 from augment_ops import count_host_syncs, normalize_batch  # noqa: E402
+from training import device_label, synchronize  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 # Passes per measurement; the fastest is reported (timeit's convention: on a shared machine the
@@ -68,21 +68,16 @@ def per_sample_pass(transform, pil_images: list, threads: int) -> float:
         torch.set_num_threads(default_threads)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def batched_pass(augment, generator, images: torch.Tensor, batch_size: int, threads: int | None = None) -> float:
     """Images/s of one pass of BatchAugment over ``images`` (already on the device), batch by batch."""
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     try:
-        sync(images.device)
+        synchronize(images.device)
         start = time.perf_counter()
         for i in range(0, len(images), batch_size):
             augment(images[i:i + batch_size], generator)
-        sync(images.device)
+        synchronize(images.device)
         return len(images) / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(default_threads)
@@ -143,24 +138,9 @@ def measure_stage(stage: str, pil_images: list, on_device: dict, batch_size: int
     return passes
 
 
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name(0) if device == "cuda" else cpu_name()
-
-
 def device_tag(devices: list[str]) -> str:
     """File-name tag: the CUDA device's name when one was measured, else 'cpu'."""
-    name = device_name("cuda") if "cuda" in devices else "cpu"
+    name = device_label("cuda") if "cuda" in devices else "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -185,11 +165,11 @@ def run(batch_size: int, n: int, n_per_sample: int, devices: list[str]) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "cpu": device_name("cpu"),
+        "cpu": device_label("cpu"),
         "cpu_threads": torch.get_num_threads(),
         # The machine may be shared: 1-minute load averages around the run qualify the numbers.
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
-        "devices": {device: device_name(device) for device in devices},
+        "devices": {device: device_label(device) for device in devices},
         "batch_size": batch_size,
         "n_images": n,
         "n_images_per_sample_path": n_per_sample,

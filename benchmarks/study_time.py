@@ -341,6 +341,7 @@ def _corrupt_rates(severities, m: Measure) -> dict[str, dict[str, float]]:
 
 def _fixed_costs(models, device: str, m: Measure, tmp: Path) -> dict:
     """Seconds of the per-run and per-epoch bookkeeping: set-up, checkpoint, model save, report."""
+    import checkpoints
     import runs
     import training
     from atomic_io import atomic_torch_save
@@ -355,9 +356,9 @@ def _fixed_costs(models, device: str, m: Measure, tmp: Path) -> dict:
         costs["setup_s"][name] = time.perf_counter() - start
         model(torch.zeros(2, 3, 32, 32, device=device)).sum().backward()
         optimizer.step()  # the optimizer's state exists, as in every checkpoint after the first step
-        state = training.RunState(epoch=1, best_state=training.cpu_state(model), best_epoch=1)
+        state = checkpoints.RunState(epoch=1, best_state=checkpoints.cpu_state(model), best_epoch=1)
         costs["checkpoint_s"][name] = _median_seconds(
-            lambda model=model, optimizer=optimizer, state=state: training.save_checkpoint(
+            lambda model=model, optimizer=optimizer, state=state: checkpoints.save_checkpoint(
                 tmp / "run.ckpt", cfg, model, optimizer, None, state, ([], []), torch.device(device)),
             "cpu", m.repeats)
         costs["save_s"][name] = _median_seconds(
