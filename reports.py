@@ -183,6 +183,8 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
     row["corruption_drop"] = row["f1_mean"] - row["corruption_f1"]
     if len(cell) == 1:  # one seed: the interval is the bootstrap over test images
         row["ci_low"], row["ci_high"] = float(first["ci_low"]), float(first["ci_high"])
+    # A Student-t interval over two or three seeds can reach past the metric's range [0, 1].
+    row["ci_low"], row["ci_high"] = max(row["ci_low"], 0.0), min(row["ci_high"], 1.0)
     row.update(_verdict_columns(verdict))
     return row
 
