@@ -4,6 +4,7 @@ summaries, and every study figure rebuilt from the JSON reports without retraini
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -353,10 +354,9 @@ def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list
     name = viz.model_label(model)
     first = cells.iloc[0]
     budget = budget_text(int(first["train_images"]), int(first["epochs"]), tables["n_seeds"])
-    family = (f"* = differs from no augmentation (seed-aware test, Holm over the {int(cells['family_size'].max())} "
-              f"tested cells of {name}'s family)")
+    family = f"* = differs from no augmentation (Holm over {int(cells['family_size'].max())} tested cells)"
     if tables["n_seeds"] < 2:
-        family = "one seed per cell: no cell is tested against no augmentation"
+        family = "one seed per cell: no cell is tested"
     if not tables["f1"].empty:
         fig = viz.plot_heatmap(tables["f1"], dataset=dataset, significance=tables["significance"],
                                title=f"{name}: test macro-F1, stage x p_aug (mean over seeds)",
@@ -429,7 +429,9 @@ def save_tuning_figures(study: optuna.Study, dataset: str, out_dir: Path | None 
     written = [save_and_close(viz.plot_tuning_history(values, dataset),
                               out_dir / f"{dataset}_tuning_optimization_history.png")]
     if len(complete) >= 2:  # Optuna's importance estimate needs two finished trials
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # with few trials it warns that all importances are equal; the
+            warnings.simplefilter("ignore", UserWarning)  # figure itself says when trials are too few
+            importances = optuna.importance.get_param_importances(study)
         written.append(save_and_close(viz.plot_param_importances(importances, len(complete), dataset),
                                       out_dir / f"{dataset}_tuning_param_importances.png"))
     return written
