@@ -5,9 +5,10 @@ through ``pipeline.grid_configs``, then the tuning trials, the final run, the tw
 runs and the figures) and prices every run from measured rates, nothing assumed:
 
 - training: ``epochs * n_train`` images at the fast path's step rate (no augmentation), plus the
-  augmentation at ``BatchAugment``'s rate for the run's stage (share of images: p_aug on the CPU
-  and for the per-sample policies, which augment only the chosen samples; all of them on CUDA,
-  which augments the whole batch and then picks), plus the frozen teacher's forward pass;
+  augmentation at ``BatchAugment``'s measured batched rate for the run's stage, the learned policies
+  included (share of images: p_aug on the CPU, which augments only the chosen samples; all of them
+  on an accelerator, which augments the whole batch and then picks), plus the frozen teacher's
+  forward pass;
 - validation every epoch, and per finished run the test pass, the robustness passes (5 kinds x
   severities, each corrupted on the CPU first) and the inference-throughput passes, at the
   evaluation rate;
@@ -125,7 +126,7 @@ def augment_share(cfg: config.TrainConfig, throughputs: dict) -> float:
     """Share of the training images that go through the stage's augmentation (see the docstring)."""
     if cfg.stage == "none" or cfg.p_aug == 0.0:
         return 0.0
-    if throughputs["device_type"] == "cpu" or cfg.stage in config.POLICY_STAGES:
+    if throughputs["device_type"] == "cpu":
         return cfg.p_aug
     return 1.0
 
@@ -226,7 +227,6 @@ class Measure:
     train_batches: dict
     eval_images: dict
     augment_images: int
-    policy_images: int  # the learned policies loop over samples: few images, one timed pass
     corrupt_images: int
     stat_images: int
     repeats: int
@@ -234,9 +234,9 @@ class Measure:
 
 MEASURE = {
     "cpu": Measure({"simplecnn": 3, "resnet18": 1}, {"simplecnn": 4096, "resnet18": 768},
-                   1024, 256, 1000, 5000, 2),
+                   1024, 1000, 5000, 2),
     "cuda": Measure({"simplecnn": 100, "resnet18": 30}, {"simplecnn": 65536, "resnet18": 16384},
-                    16384, 512, 5000, 26032, 3),
+                    16384, 5000, 26032, 3),
 }
 
 
@@ -254,7 +254,8 @@ def _median_seconds(fn, device: str, repeats: int) -> float:
 
 
 def _stage_rates(stages, device: str, batch_size: int, m: Measure) -> dict[str, float]:
-    """BatchAugment at p_aug = 1 on uint8 batches already on the device: images/s per stage."""
+    """BatchAugment at p_aug = 1 on uint8 batches already on the device: images/s per stage (every stage,
+    the learned policies included, runs batched)."""
     from bench_training import make_images
 
     from augmentations import BatchAugment
@@ -263,15 +264,13 @@ def _stage_rates(stages, device: str, batch_size: int, m: Measure) -> dict[str, 
     rates = {}
     for stage in stages:
         augment = BatchAugment(stage, 1.0, config.SVHN_MEAN, config.SVHN_STD)
-        batch = images[:m.policy_images] if augment.per_sample else images
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def one_pass(augment=augment, batch=batch, gen=gen):
-            for i in range(0, len(batch), batch_size):
-                augment(batch[i:i + batch_size], generator=gen)
+        def one_pass(augment=augment, gen=gen):
+            for i in range(0, len(images), batch_size):
+                augment(images[i:i + batch_size], generator=gen)
 
-        repeats = 1 if augment.per_sample else m.repeats
-        rates[stage] = len(batch) / _median_seconds(one_pass, device, repeats)
+        rates[stage] = len(images) / _median_seconds(one_pass, device, m.repeats)
     return rates
 
 
@@ -495,7 +494,7 @@ def plan_stages(*plans) -> list[str]:
 
 def scaled_plan(n_train: int | None = None, n_test: int | None = None, resnet_n_train: int | None = None):
     """A study small enough to run for real: one epoch per run, a few stages, two tuning trials; it
-    keeps every kind of work (batched and per-sample stages, comparisons with a baseline in both
+    keeps every kind of work (base stages and a learned policy, comparisons with a baseline in both
     grids, tuning, final run, distillation, figures)."""
     from pipeline import StudyPlan
 
