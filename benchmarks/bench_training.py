@@ -267,7 +267,7 @@ def syncs_per_step(name: str, images, labels, size: Size, device: str, stage: st
 # ----------------------------------------------------------------------------- ops and syncs per step (CPU)
 
 
-# (stage, BatchAugment path) of the per-step counts: None is no augmentation, or the device's own path.
+# (stage, BatchAugment path) of the per-step counts; path None: no augmentation.
 COUNTED = (("none", None), (STAGE, "cpu"), (STAGE, "accelerator"))
 
 

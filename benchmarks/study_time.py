@@ -25,7 +25,7 @@ a few stages), runs that study for real (``pipeline.run_study`` with ``pipeline.
 replaced, in a subprocess whose report, model and data folders are temporary) and compares
 measured with predicted seconds, per part and in total (it passes within 20 %).
 
-    python benchmarks/study_time.py [--device cpu|cuda] [--sizes svhn|synthetic] [--validate]
+    python benchmarks/study_time.py [--device cpu|cuda|mps] [--sizes svhn|synthetic] [--validate]
                                     [--n-train N --n-test N --resnet-n-train N] [--threads N]
 
 Results: benchmarks/results/study_time_<device-tag>.json.
@@ -238,6 +238,7 @@ MEASURE = {
     "cuda": Measure({"simplecnn": 100, "resnet18": 30}, {"simplecnn": 65536, "resnet18": 16384},
                     16384, 5000, 26032, 3),
 }
+MEASURE["mps"] = MEASURE["cuda"]  # an Apple GPU: passes of milliseconds too
 
 
 def _timed(fn, device: str, repeats: int) -> tuple[float, float]:
@@ -312,12 +313,14 @@ def _predict_seconds(model, images, labels, batch_size: int, n: int, device: str
 
 
 def _startup_seconds(device: str) -> float:
-    """A process's first device operation (CUDA context and cuDNN handles); nothing on the CPU."""
-    if torch.device(device).type != "cuda":
+    """A process's first device operation (CUDA context and cuDNN handles, the MPS device); nothing on the CPU."""
+    if torch.device(device).type == "cpu":
         return 0.0
+    import training
+
     start = time.perf_counter()
     torch.nn.functional.conv2d(torch.zeros(1, 3, 8, 8, device=device), torch.zeros(4, 3, 3, 3, device=device))
-    torch.cuda.synchronize()
+    training.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -579,7 +582,7 @@ def print_prediction(title: str, prediction: dict) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     parser.add_argument("--sizes", choices=tuple(SIZES), default="svhn", help="split sizes of the full study")
     parser.add_argument("--validate", action="store_true", help="run a scaled-down study and compare")
     parser.add_argument("--n-train", type=int, default=1000, help="--validate: synthetic train images")
