@@ -25,9 +25,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The CPU benchmarks at sizes that take a few minutes on 2 idle cores (JSON in benchmarks/results/).
 bench: $(STAMP)
-	MPLBACKEND=Agg $(PY) benchmarks/bench_augment.py
-	MPLBACKEND=Agg $(PY) benchmarks/bench_training.py
+	MPLBACKEND=Agg $(PY) benchmarks/bench_augment.py --device cpu --n 2048 --n-per-sample 512
+	MPLBACKEND=Agg $(PY) benchmarks/bench_training.py --device cpu --quick
 
 # Wheels for the GPU machine (benchmarks/wheels.txt), which has no package index: CPython 3.12 on x86-64
 # Linux, whatever this machine is. Only pip is needed, not the venv. Emptied first: one version of each.

@@ -83,8 +83,9 @@ def batched_pass(augment, generator, images: torch.Tensor, batch_size: int, thre
         torch.set_num_threads(default_threads)
 
 
-class _AtenCounter(TorchDispatchMode):
-    """Counts aten ops (views apart, since they launch no kernel)."""
+class AtenCounter(TorchDispatchMode):
+    """Counts aten ops inside the block (forward, backward and optimizer alike): on an accelerator about
+    one kernel launch each, views apart (``views`` of them launch no kernel)."""
 
     def __init__(self):
         super().__init__()
@@ -106,7 +107,7 @@ def accelerator_path_costs(stage: str, images: torch.Tensor, batch_size: int) ->
         return normalize_batch(augment(batch, generator), config.SVHN_MEAN, config.SVHN_STD, inplace=True)
 
     one_batch()
-    counter = _AtenCounter()
+    counter = AtenCounter()
     with counter:
         one_batch()
     with count_host_syncs() as syncs:

@@ -6,8 +6,8 @@ images, batch size and augmentation (``stage5_occlusion`` at p_aug = 1), in one 
 - original: a small re-creation of the original study's loop: PIL images through the per-sample
   torchvision Compose (``ProbTransform(eval, build_stage_transform(stage), p_aug)``), a DataLoader
   with 2 workers, float32 NCHW model, plain ``torch.optim.Adam``, and a ``loss.item()`` every step;
-- fast: ``DeviceLoader`` (uint8 images resident on the device) + ``BatchAugment`` (normalization
-  included) + ``training.train_epoch`` (bf16 autocast on CUDA, channels_last, the fused optimizer of
+- fast: ``DeviceLoader`` (uint8 images resident on the device; it normalizes every batch) +
+  ``BatchAugment`` + ``training.train_epoch`` (bf16 autocast on CUDA, channels_last, the fused optimizer of
   ``training.build_optimizer``, no host read inside the step);
 - fast + torch.compile (with ``--compile``, CUDA only): its warm-up epoch holds the compilation.
 
@@ -18,12 +18,16 @@ ratio is fast / original. ``--layout`` (on by default on the CPU) times float32 
 NCHW against channels_last, interleaved: the evidence for ``training.CPU_CHANNELS_LAST``.
 Results: benchmarks/results/training_<device-tag>.json (``cpu`` when no GPU was measured).
 
-On the CPU each row also counts, per training step of the fast path and of its augmentation alone,
-with and without the augmentation: aten ops (``OpCounter``, a TorchDispatchMode: on an accelerator each
-is about one kernel launch) and calls that would make the host wait for an accelerator (``SyncCounter``,
-a TorchFunctionMode: value reads, data-dependent shapes, tensors built from Python data). Counts are
-taken over epochs of k and 2k steps and differenced, so the epoch's own final reads cancel out. On
-CUDA each row counts the synchronizing calls per training step (torch's sync debug mode).
+On the CPU each row also counts, per training step of the fast path (SimpleCNN or ResNet18Cifar, without
+augmentation and with stage 5 on each of ``BatchAugment``'s two paths: the CPU path, and the accelerator
+path that CUDA and MPS take, forced on the CPU), and of its loader alone (augmentation and
+normalization): aten ops (``bench_augment.AtenCounter``, a TorchDispatchMode: on an accelerator each is
+about one kernel launch, views apart; the CPU runs no autocast, so CUDA adds the model's casts) and the
+calls that would make the host wait for an accelerator or copy Python data to it
+(``augment_ops.count_host_syncs``, a TorchFunctionMode). After a warm-up epoch (cached constants),
+epochs of k and 2k steps are counted and differenced, so the epoch's own calls (its one read of the
+loss and accuracy at the end) cancel out. On CUDA each row counts the synchronizing calls per training
+step (torch's sync debug mode).
 
 ``--memory`` runs only the memory check: SVHN train + extra (604,388 images) resident on the GPU as
 uint8 and ResNet18Cifar trained on it at batch 1024 (``torch.cuda.max_memory_allocated``; results in
@@ -37,12 +41,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import os
 import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +57,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_augment import device_tag  # noqa: E402  (same folder, on sys.path as a script)
-from torch.overrides import TorchFunctionMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from bench_augment import AtenCounter, device_tag  # noqa: E402  (same folder, on sys.path as a script)
 from torch.utils.data import DataLoader  # noqa: E402
 
 import config  # noqa: E402
 import training  # noqa: E402
 from atomic_io import atomic_write_json  # noqa: E402
+from augment_ops import count_host_syncs  # noqa: E402
 from augmentations import BatchAugment, ProbTransform, build_stage_transform, get_eval_transform  # noqa: E402
 from data_loading import DeviceLoader, TensorImageDataset  # noqa: E402
 from model import build_model  # noqa: E402
@@ -189,9 +194,11 @@ def original_pipeline(name: str, images, labels, size: Size, device: str) -> tup
     return n, lambda: original_epoch(model, loader, optimizer, device)
 
 
-def fast_loader(images, labels, batch_size: int, device: str, stage: str = STAGE,
-                p_aug: float = P_AUG) -> DeviceLoader:
-    augment = None if stage == "none" else BatchAugment(stage, p_aug, config.SVHN_MEAN, config.SVHN_STD)
+def fast_loader(images, labels, batch_size: int, device: str, stage: str = STAGE, p_aug: float = P_AUG,
+                accelerator_path: bool | None = None) -> DeviceLoader:
+    """The fast path's loader; ``accelerator_path`` as ``BatchAugment``'s (None: chosen by the device)."""
+    augment = None if stage == "none" else BatchAugment(stage, p_aug, config.SVHN_MEAN, config.SVHN_STD,
+                                                        accelerator_path=accelerator_path)
     return DeviceLoader(images, labels, batch_size, config.SVHN_MEAN, config.SVHN_STD, device=device,
                         shuffle=True, augment=augment, seed=0)
 
@@ -201,13 +208,18 @@ def fast_pipeline(name: str, images, labels, size: Size, device: str, *, compile
     """(images per epoch, run_epoch) of the fast path: DeviceLoader + BatchAugment + training.train_epoch."""
     n = size.batch_size * (batches or size.fast_batches)  # whole batches: one shape, one compilation
     loader = fast_loader(images[:n], labels[:n], size.batch_size, device, stage)
-    torch.manual_seed(0)
-    model = build_model(name).to(device)
-    cfg = config.preset_config("original", model=name, batch_size=size.batch_size)
-    training.prepare_model(model, device)  # as fit does, before the optimizer is built
-    optimizer = training.build_optimizer(model, cfg)
+    model, optimizer = fast_model(name, device, size.batch_size)
     train_model = torch.compile(model) if compile_model else model
     return n, lambda: training.train_epoch(train_model, loader, optimizer, device)
+
+
+def fast_model(name: str, device: str, batch_size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model (seeded) and the optimizer ``fit`` would build for the original preset."""
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    training.prepare_model(model, device)  # as fit does, before the optimizer is built
+    cfg = config.preset_config("original", model=name, batch_size=batch_size)
+    return model, training.build_optimizer(model, cfg)
 
 
 def measure_model(name: str, device: str, quick: bool, compile_model: bool) -> dict:
@@ -231,7 +243,8 @@ def measure_model(name: str, device: str, quick: bool, compile_model: bool) -> d
         row["host_syncs_per_step"] = {stage: syncs_per_step(name, images, labels, size, device, stage)
                                       for stage in ("none", STAGE)}
     if device == "cpu":
-        row["per_step_counts"] = {stage: per_step_counts(name, stage) for stage in ("none", STAGE)}
+        row["per_step_counts"] = {stage if path is None else f"{stage}-{path}_path": per_step_counts(name, stage, path)
+                                  for stage, path in COUNTED}
     return row
 
 
@@ -254,74 +267,49 @@ def syncs_per_step(name: str, images, labels, size: Size, device: str, stage: st
 # ----------------------------------------------------------------------------- ops and syncs per step (CPU)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts aten ops (forward, backward and optimizer alike): on an accelerator, about one kernel
-    launch each."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+# (stage, BatchAugment path) of the per-step counts; path None: no augmentation.
+COUNTED = (("none", None), (STAGE, "cpu"), (STAGE, "accelerator"))
 
 
-class SyncCounter(TorchFunctionMode):
-    """Counts the calls that make the host wait for an accelerator, whatever the device they run on:
-    reads of tensor values, ops whose output shape depends on the data, boolean-mask indexing, and
-    tensors built from Python data (a blocking host-to-device copy when made on an accelerator)."""
-
-    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
-    DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
-    FROM_PYTHON = {"tensor", "as_tensor", "new_tensor"}
-    INDEXING = {"__getitem__", "__setitem__"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += self._syncs(getattr(func, "__name__", ""), args)
-        return func(*args, **(kwargs or {}))
-
-    def _syncs(self, name: str, args: tuple) -> int:
-        if name in self.READS or name in self.DATA_DEPENDENT:
-            return 1
-        if name in self.FROM_PYTHON:
-            data = args[1] if name == "new_tensor" else (args[0] if args else None)
-            return int(not isinstance(data, torch.Tensor))
-        if name in self.INDEXING and len(args) > 1:
-            index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            return int(any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index))
-        return 0
+def epoch_counts(run_epoch) -> tuple[AtenCounter, Counter]:
+    """aten ops and the events of ``count_host_syncs`` ("sync: item", "host data: tensor" ...) of one call."""
+    with AtenCounter() as ops, count_host_syncs() as syncs:
+        run_epoch()
+    return ops, Counter(syncs.events)
 
 
-def per_step_counts(name: str, stage: str) -> dict:
-    """aten ops and would-be host syncs per training step of the fast path on the CPU, and of its
-    augmentation alone (the loader's batches): counted over epochs of COUNT_STEPS and 2 * COUNT_STEPS
-    steps and differenced, so that the epoch's own reads and one-time set-up cancel out."""
+def per_step_counts(name: str, stage: str, path: str | None) -> dict:
+    """aten ops and would-be host syncs per training step of the fast path on the CPU (model ``name``,
+    ``BatchAugment`` on ``path``: "cpu", "accelerator" or None without augmentation), and of its loader
+    alone: after a warm-up epoch, epochs of COUNT_STEPS and 2 * COUNT_STEPS steps, differenced."""
     images, labels = make_images(2 * COUNT_STEPS * COUNT_BATCH)
+    model, optimizer = fast_model(name, "cpu", COUNT_BATCH)
 
-    def count(counter_type, steps: int, augment_only: bool) -> int:
-        size = Size(COUNT_BATCH, 0, steps, 1)
-        if augment_only:
-            n = COUNT_BATCH * steps
-            loader = fast_loader(images[:n], labels[:n], COUNT_BATCH, "cpu", stage)
-            run_epoch = lambda: [batch for batch in loader]  # noqa: E731
+    def run_epoch(steps: int, loader_only: bool) -> None:
+        n = COUNT_BATCH * steps
+        loader = fast_loader(images[:n], labels[:n], COUNT_BATCH, "cpu", stage,
+                             accelerator_path=None if path is None else path == "accelerator")
+        if loader_only:
+            for _batch in loader:
+                pass
         else:
-            run_epoch = fast_pipeline(name, images, labels, size, "cpu", stage=stage)[1]
-        with counter_type() as counter:
-            run_epoch()
-        return counter.count
+            training.train_epoch(model, loader, optimizer, "cpu")
 
-    def per_step(counter_type, augment_only: bool) -> float:
-        k = COUNT_STEPS
-        return (count(counter_type, 2 * k, augment_only) - count(counter_type, k, augment_only)) / k
-
-    return {"batch_size": COUNT_BATCH,
-            "aten_ops": per_step(OpCounter, False), "aten_ops_augment": per_step(OpCounter, True),
-            "host_syncs": per_step(SyncCounter, False), "host_syncs_augment": per_step(SyncCounter, True)}
+    run_epoch(1, False)  # warm-up: cached constants, the optimizer's state
+    row = {"stage": stage, "path": path, "batch_size": COUNT_BATCH}
+    for suffix, loader_only in (("", False), ("_loader", True)):
+        (ops_k, events_k), (ops_2k, events_2k) = [epoch_counts(functools.partial(run_epoch, steps, loader_only))
+                                                  for steps in (COUNT_STEPS, 2 * COUNT_STEPS)]
+        per_step = {event: n / COUNT_STEPS for event, n in (events_2k - events_k).items()}
+        row.update({
+            f"aten_ops_per_step{suffix}": (ops_2k.ops - ops_k.ops) / COUNT_STEPS,
+            f"aten_ops_per_step{suffix}_without_views": (ops_2k.ops - ops_2k.views - ops_k.ops + ops_k.views)
+            / COUNT_STEPS,
+            f"host_syncs_per_step{suffix}": sum(n for e, n in per_step.items() if e.startswith("sync")),
+            f"host_data_per_step{suffix}": sum(n for e, n in per_step.items() if e.startswith("host data")),
+            f"events_per_step{suffix}": per_step,
+        })
+    return row
 
 
 # ----------------------------------------------------------------------------- device memory
@@ -405,10 +393,13 @@ def print_row(row: dict) -> None:
     if "fast_compiled" in row:
         line += f" {row['fast_compiled']['images_per_s']:>12,.0f} (compile {row['compile_ratio']:.2f}x)"
     print(line, flush=True)
-    for stage, counts in row.get("per_step_counts", {}).items():
-        print(f"  per step, {stage}: {counts['aten_ops']:.0f} aten ops ({counts['aten_ops_augment']:.0f} in the "
-              f"augmentation), {counts['host_syncs']:.1f} host syncs ({counts['host_syncs_augment']:.1f} in the "
-              "augmentation)", flush=True)
+    for counts in row.get("per_step_counts", {}).values():
+        what = "no augmentation" if counts["path"] is None else f"{counts['stage']}, {counts['path']} path"
+        print(f"  per step, {what}: {counts['aten_ops_per_step']:.0f} aten ops "
+              f"({counts['aten_ops_per_step_loader']:.0f} in the loader), "
+              f"{counts['host_syncs_per_step']:g} host syncs + {counts['host_data_per_step']:g} host-data tensors "
+              f"({counts['host_syncs_per_step_loader']:g} + {counts['host_data_per_step_loader']:g} in the loader)",
+              flush=True)
 
 
 def run(devices: list[str], models: list[str], quick: bool, compile_model: bool, layout: bool) -> dict:

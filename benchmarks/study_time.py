@@ -5,9 +5,10 @@ through ``pipeline.grid_configs``, then the tuning trials, the final run, the tw
 runs and the figures) and prices every run from measured rates, nothing assumed:
 
 - training: ``epochs * n_train`` images at the fast path's step rate (no augmentation), plus the
-  augmentation at ``BatchAugment``'s rate for the run's stage (share of images: p_aug on the CPU
-  and for the per-sample policies, which augment only the chosen samples; all of them on CUDA,
-  which augments the whole batch and then picks), plus the frozen teacher's forward pass;
+  augmentation at ``BatchAugment``'s measured batched rate for the run's stage, the learned policies
+  included (share of images: p_aug on the CPU, which augments only the chosen samples; all of them
+  on an accelerator, which augments the whole batch and then picks), plus the frozen teacher's
+  forward pass;
 - validation every epoch, and per finished run the test pass, the robustness passes (5 kinds x
   severities, each corrupted on the CPU first) and the inference-throughput passes, at the
   evaluation rate;
@@ -24,7 +25,7 @@ a few stages), runs that study for real (``pipeline.run_study`` with ``pipeline.
 replaced, in a subprocess whose report, model and data folders are temporary) and compares
 measured with predicted seconds, per part and in total (it passes within 20 %).
 
-    python benchmarks/study_time.py [--device cpu|cuda] [--sizes svhn|synthetic] [--validate]
+    python benchmarks/study_time.py [--device cpu|cuda|mps] [--sizes svhn|synthetic] [--validate]
                                     [--n-train N --n-test N --resnet-n-train N] [--threads N]
 
 Results: benchmarks/results/study_time_<device-tag>.json.
@@ -125,7 +126,7 @@ def augment_share(cfg: config.TrainConfig, throughputs: dict) -> float:
     """Share of the training images that go through the stage's augmentation (see the docstring)."""
     if cfg.stage == "none" or cfg.p_aug == 0.0:
         return 0.0
-    if throughputs["device_type"] == "cpu" or cfg.stage in config.POLICY_STAGES:
+    if throughputs["device_type"] == "cpu":
         return cfg.p_aug
     return 1.0
 
@@ -226,7 +227,6 @@ class Measure:
     train_batches: dict
     eval_images: dict
     augment_images: int
-    policy_images: int  # the learned policies loop over samples: few images, one timed pass
     corrupt_images: int
     stat_images: int
     repeats: int
@@ -234,10 +234,11 @@ class Measure:
 
 MEASURE = {
     "cpu": Measure({"simplecnn": 3, "resnet18": 1}, {"simplecnn": 4096, "resnet18": 768},
-                   1024, 256, 1000, 5000, 2),
+                   1024, 1000, 5000, 2),
     "cuda": Measure({"simplecnn": 100, "resnet18": 30}, {"simplecnn": 65536, "resnet18": 16384},
-                    16384, 512, 5000, 26032, 3),
+                    16384, 5000, 26032, 3),
 }
+MEASURE["mps"] = MEASURE["cuda"]  # an Apple GPU: passes of milliseconds too
 
 
 def _timed(fn, device: str, repeats: int) -> tuple[float, float]:
@@ -254,7 +255,8 @@ def _median_seconds(fn, device: str, repeats: int) -> float:
 
 
 def _stage_rates(stages, device: str, batch_size: int, m: Measure) -> dict[str, float]:
-    """BatchAugment at p_aug = 1 on uint8 batches already on the device: images/s per stage."""
+    """BatchAugment at p_aug = 1 on uint8 batches already on the device: images/s per stage (every stage,
+    the learned policies included, runs batched)."""
     from bench_training import make_images
 
     from augmentations import BatchAugment
@@ -263,15 +265,13 @@ def _stage_rates(stages, device: str, batch_size: int, m: Measure) -> dict[str, 
     rates = {}
     for stage in stages:
         augment = BatchAugment(stage, 1.0, config.SVHN_MEAN, config.SVHN_STD)
-        batch = images[:m.policy_images] if augment.per_sample else images
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def one_pass(augment=augment, batch=batch, gen=gen):
-            for i in range(0, len(batch), batch_size):
-                augment(batch[i:i + batch_size], generator=gen)
+        def one_pass(augment=augment, gen=gen):
+            for i in range(0, len(images), batch_size):
+                augment(images[i:i + batch_size], generator=gen)
 
-        repeats = 1 if augment.per_sample else m.repeats
-        rates[stage] = len(batch) / _median_seconds(one_pass, device, repeats)
+        rates[stage] = len(images) / _median_seconds(one_pass, device, m.repeats)
     return rates
 
 
@@ -313,12 +313,14 @@ def _predict_seconds(model, images, labels, batch_size: int, n: int, device: str
 
 
 def _startup_seconds(device: str) -> float:
-    """A process's first device operation (CUDA context and cuDNN handles); nothing on the CPU."""
-    if torch.device(device).type != "cuda":
+    """A process's first device operation (CUDA context and cuDNN handles, the MPS device); nothing on the CPU."""
+    if torch.device(device).type == "cpu":
         return 0.0
+    import training
+
     start = time.perf_counter()
     torch.nn.functional.conv2d(torch.zeros(1, 3, 8, 8, device=device), torch.zeros(4, 3, 3, 3, device=device))
-    torch.cuda.synchronize()
+    training.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -496,7 +498,7 @@ def plan_stages(*plans) -> list[str]:
 
 def scaled_plan(n_train: int | None = None, n_test: int | None = None, resnet_n_train: int | None = None):
     """A study small enough to run for real: one epoch per run, a few stages, two tuning trials; it
-    keeps every kind of work (batched and per-sample stages, comparisons with a baseline in both
+    keeps every kind of work (base stages and a learned policy, comparisons with a baseline in both
     grids, tuning, final run, distillation, figures)."""
     from pipeline import StudyPlan
 
@@ -581,7 +583,7 @@ def print_prediction(title: str, prediction: dict) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     parser.add_argument("--sizes", choices=tuple(SIZES), default="svhn", help="split sizes of the full study")
     parser.add_argument("--validate", action="store_true", help="run a scaled-down study and compare")
     parser.add_argument("--n-train", type=int, default=1000, help="--validate: synthetic train images")
