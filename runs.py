@@ -130,10 +130,11 @@ def read_report(path: Path) -> dict:
     if not isinstance(report, dict) or report.get("schema_version") != REPORT_SCHEMA_VERSION:
         raise ReportError(f"report {path} has an unknown schema; delete it to retrain that run")
     for dotted in REPORT_FIELDS:
-        holder = report
-        for name in dotted.split("."):
+        holder, names = report, dotted.split(".")
+        for depth, name in enumerate(names, start=1):
             if not isinstance(holder, dict) or name not in holder:
-                raise ReportError(f"report {path} lacks the field {dotted!r} (damaged or edited); delete it to "
+                missing = ".".join(names[:depth])
+                raise ReportError(f"report {path} lacks the field {missing!r} (damaged or edited); delete it to "
                                   "retrain that run, every other report is untouched")
             holder = holder[name]
     return report
