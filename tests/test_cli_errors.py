@@ -197,9 +197,11 @@ DATA_AND_DEVICE_CASES = [
     Case("CUDA on a machine without it", run_args("--device", "cuda"), ("cuda", "not available"),
          skip="this machine has CUDA" if torch.cuda.is_available() else None),
     Case("unknown device", run_args("--device", "tpu"), ("tpu",)),
-    Case("reports folder is a file", run_args(), ("cannot write", "reports"), prepare=reports_folder_is_a_file),
-    Case("models folder is a file", run_args(), ("cannot write", "models"), prepare=models_folder_is_a_file),
-    Case("reports folder read-only", run_args(), ("cannot write",), prepare=read_only_reports,
+    Case("reports folder is a file", run_args("--seed", "7"), ("cannot write", "reports"),
+         prepare=reports_folder_is_a_file),
+    Case("models folder is a file", run_args("--seed", "7"), ("cannot write", "models"),
+         prepare=models_folder_is_a_file),
+    Case("reports folder read-only", run_args("--seed", "7"), ("cannot write",), prepare=read_only_reports,
          skip="root ignores file permissions" if os.geteuid() == 0 else None),
 ]
 
@@ -213,7 +215,7 @@ QUEUE_AND_REPORT_CASES = [
     Case("grid into a missing folder", ("grid", *TINY_RUN, "--stages", "stage1_basic", "--p-augs", "1",
                                         "--storage", "{root}/nowhere/queue.journal", "--severities"),
          ("nowhere", "does not exist")),
-    Case("database on a closed port", ("status", "--storage", "postgresql://nobody@127.0.0.1:9/none"),
+    Case("database on a closed port", ("status", "--storage", "postgresql+psycopg2://nobody@127.0.0.1:9/none"),
          ("cannot reach", "127.0.0.1")),
     Case("status of a missing queue", ("status", "--study", "nosuch"), ("nosuch",)),
     Case("malformed report", ("summary",), ("broken.json",), prepare=malformed_report),
