@@ -190,8 +190,8 @@ def existing_source(source: str | None) -> str | None:
         config.require(path.is_file(), f"--source {source}: no such queue storage file; name an existing journal "
                                        "or database, or a reports folder such as reports/runs")
     else:
-        config.require(path.is_dir(), f"--source {source}: no such reports folder; name an existing folder of "
-                                      "reports (default: reports/runs) or a queue storage")
+        config.require(path.is_dir(), f"--source {source} is not a folder of reports; name an existing one "
+                                      "(default: reports/runs) or a queue storage")
     return source
 
 
