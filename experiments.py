@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
+from pathlib import Path
 
 import config
 import pipeline
@@ -24,7 +26,7 @@ import runs
 from config import ConfigError, TrainConfig
 from data_loading import DatasetError
 from training import DivergenceError
-from work_queue import QueueError, default_storage, open_storage, queue_status
+from work_queue import QueueError, default_storage, is_storage, open_storage, queue_status
 
 # Errors the library raises on purpose: their message names the problem and the fix, so the
 # command line prints that one line (no traceback unless --debug).
@@ -32,6 +34,14 @@ EXPECTED_ERRORS = (ConfigError, runs.ReportError, DatasetError, QueueError, Dive
 # Fields set by a subcommand's own flags (distill) or lists of values (grid), not by --field.
 _GRID_FIELDS = ("model", "stage", "p_aug", "seed")
 _DISTILL_FIELDS = ("teacher", "kd_temperature", "kd_alpha")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (the problem, then where the help is) and exit status 2,
+    like every other error of the command line; subcommand parsers inherit it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -42,6 +52,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+# ---------------------------------------------------------------- argument types checked at parsing
+
+
+def at_least(minimum: float, kind: type = int, *, strict: bool = False):
+    """An argparse type: a number of ``kind`` that is at least ``minimum`` (above it when ``strict``),
+    so a count or a period that cannot work is refused before any work starts."""
+    bound = f"{'above' if strict else 'at least'} {minimum}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {bound}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 # ---------------------------------------------------------------- flags from TrainConfig
@@ -96,10 +128,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="corruption severities of the robustness evaluation (none: skip it)")
 
 
-def add_queue_flags(parser: argparse.ArgumentParser, default_queue: str | None) -> None:
+def add_queue_flags(parser: argparse.ArgumentParser, default_queue: str | None, shown_default: str = "") -> None:
+    """--storage and --study; ``shown_default`` tells what applies when the queue's default is None."""
     parser.add_argument("--storage", help="queue storage: a journal file, sqlite:/// or postgresql:// URL "
                                           "(default: reports/optuna.journal)")
-    parser.add_argument("--study", dest="queue", default=default_queue, help="name of the queue in the storage")
+    parser.add_argument("--study", dest="queue", default=default_queue,
+                        help="name of the queue in the storage" + (f" (default: {shown_default})" if shown_default
+                                                                    else ""))
 
 
 # ---------------------------------------------------------------- one handler per subcommand
@@ -145,13 +180,28 @@ def cmd_distill(args) -> None:
     print(json.dumps(table, indent=2))
 
 
+def existing_source(source: str | None) -> str | None:
+    """``source`` unchanged when it names something that exists: a reports folder, a journal or SQLite file,
+    or a database URL (its server says); a mistyped path is an error rather than an empty table."""
+    if source is None or ("://" in source and not source.startswith(("journal://", "sqlite:///"))):
+        return source
+    path = Path(source.removeprefix("journal://").removeprefix("sqlite:///"))
+    if is_storage(source):
+        config.require(path.is_file(), f"--source {source}: no such queue storage file; name an existing journal "
+                                       "or database, or a reports folder such as reports/runs")
+    else:
+        config.require(path.is_dir(), f"--source {source} is not a folder of reports; name an existing one "
+                                      "(default: reports/runs) or a queue storage")
+    return source
+
+
 def cmd_summary(args) -> None:
-    markdown, csv_path = reports.write_summary(reports.load_reports(args.source, args.study))
+    markdown, csv_path = reports.write_summary(reports.load_reports(existing_source(args.source), args.study))
     print(markdown + f"\nCSV: {csv_path}")
 
 
 def cmd_figures(args) -> None:
-    for path in reports.figures(reports.load_reports(args.source, args.study)):
+    for path in reports.figures(reports.load_reports(existing_source(args.source), args.study)):
         print(path)
 
 
@@ -181,7 +231,7 @@ def _subcommand(sub, name: str, handler, help_text: str) -> argparse.ArgumentPar
 
 
 def _heartbeat_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--heartbeat", type=float, default=30.0,
+    parser.add_argument("--heartbeat", type=at_least(0, float, strict=True), default=30.0,
                         help="seconds between worker heartbeats; a cell silent for 4 heartbeats is retried")
 
 
@@ -196,17 +246,18 @@ def _add_training_commands(sub) -> None:
     add_queue_flags(p, reports.DEFAULT_QUEUE_NAME)
     _heartbeat_flag(p)
     p.add_argument("--models", nargs="+", choices=config.MODELS, default=["simplecnn"], help="models of the grid")
-    p.add_argument("--stages", nargs="+", default=list(config.STAGES[1:]), help="augmentation stages of the grid")
+    p.add_argument("--stages", nargs="+", choices=config.ALL_STAGES, default=list(config.STAGES[1:]), metavar="STAGE",
+                   help=f"augmentation stages of the grid, from {', '.join(config.ALL_STAGES)}")
     p.add_argument("--p-augs", nargs="+", type=float, default=list(config.P_AUG_GRID), help="p_aug values")
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="training seeds of every cell")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=at_least(1), default=1, help="worker processes on this machine")
 
     p = _subcommand(sub, "tune", cmd_tune, "Optuna TPE over lr, weight decay, p_aug and scheduler")
     add_config_flags(p)
     add_run_flags(p)
-    add_queue_flags(p, None)
-    p.add_argument("--n-trials", type=int, default=40, help="trials wanted in the study in total")
-    p.add_argument("--trial-epochs", type=int, default=3, help="epochs of each trial")
+    add_queue_flags(p, None, shown_default=f"<dataset>-{pipeline.TUNE_QUEUE_NAME}")
+    p.add_argument("--n-trials", type=at_least(1), default=40, help="trials wanted in the study in total")
+    p.add_argument("--trial-epochs", type=at_least(1), default=3, help="epochs of each trial")
 
     p = _subcommand(sub, "distill", cmd_distill, "distil a teacher run into a student, and train the student alone")
     p.add_argument("--teacher", default="best", help="a run id, or 'best' (the best finished ResNet18Cifar run)")
@@ -228,7 +279,7 @@ def _add_training_commands(sub) -> None:
     p = _subcommand(sub, "study", cmd_study, "the whole study, in order and resumably")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on a CPU")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=at_least(1), default=1, help="worker processes on this machine")
     p.add_argument("--storage", help="queue storage (default: reports/optuna.journal)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto")
     p.add_argument("--quiet", action="store_true", help="no progress lines (one line per epoch by default)")
@@ -251,14 +302,14 @@ def _add_queue_and_report_commands(sub) -> None:
     ):
         p = _subcommand(sub, name, handler, help_text)
         p.add_argument("--source", help="reports folder or queue storage (default: reports/runs)")
-        p.add_argument("--study", help="queue name when --source is a storage")
+        p.add_argument("--study", help=f"queue name when --source is a storage (default: {reports.DEFAULT_QUEUE_NAME})")
 
     p = _subcommand(sub, "eda", cmd_eda, "the EDA figures of a dataset's train split, into reports/figures/")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_training_commands(sub)
@@ -270,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry; an expected error ends with one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            runs.check_device(args.device)  # before any data is read or cell enqueued
         args.handler(args)
     except EXPECTED_ERRORS as err:
         if args.debug:

@@ -108,17 +108,36 @@ def checkpoint_path(run_id: str) -> Path:
     return config.MODELS_DIR / "checkpoints" / f"{run_id}.ckpt"
 
 
+# The fields of a report that tables, figures and model loading read ("a.b": field b inside field a).
+REPORT_FIELDS = (
+    "run_id", "dataset", "sizes.train", "sizes.test", "augment_path", "test.f1_macro", "test.accuracy",
+    "test_f1_macro_ci.low", "test_f1_macro_ci.high", "test_labels", "test_predictions", "robustness.mean_f1_macro",
+    "history", "seconds_per_epoch", "train_images_per_s", "inference_images_per_s", "params", "flags.at_chance",
+    "flags.still_improving", "flags.chance_f1_macro", "finished_at", "model_sha256",
+    *(f"config.{name}" for name in ("model", "dataset", "stage", "p_aug", "seed", "preset", "epochs", "lr", "teacher")),
+)
+
+
 def read_report(path: Path) -> dict:
-    """One JSON report; a corrupt file raises ReportError saying how to recover."""
+    """One JSON report; a corrupt file, or one without a field that tables, figures or model loading read
+    (``REPORT_FIELDS``), raises ReportError naming the file, the missing field and how to recover."""
     try:
         report = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ReportError(
             f"report {path} cannot be read ({err}); delete it to retrain that run, "
             "every other report is untouched"
         ) from err
     if not isinstance(report, dict) or report.get("schema_version") != REPORT_SCHEMA_VERSION:
         raise ReportError(f"report {path} has an unknown schema; delete it to retrain that run")
+    for dotted in REPORT_FIELDS:
+        holder, names = report, dotted.split(".")
+        for depth, name in enumerate(names, start=1):
+            if not isinstance(holder, dict) or name not in holder:
+                missing = ".".join(names[:depth])
+                raise ReportError(f"report {path} lacks the field {missing!r} (damaged or edited); delete it to "
+                                  "retrain that run, every other report is untouched")
+            holder = holder[name]
     return report
 
 
