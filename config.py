@@ -166,6 +166,7 @@ def _check_types(cfg: TrainConfig) -> None:
     for field in dataclasses.fields(cfg):
         value, hint = getattr(cfg, field.name), hints[field.name]
         expected = getattr(hint, "__name__", str(hint))
+        expected = "a finite number" if expected == "float" else expected
         require(_type_ok(value, hint), f"{field.name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 

@@ -120,10 +120,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config.preset_config(preset, **overrides)
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of every subcommand that trains: device, quietness and corruption severities."""
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of every subcommand that trains: the device and quietness."""
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (the first available)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines (one line per epoch by default)")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Device and quietness, and the corruption severities of the runs' robustness evaluation."""
+    add_device_flags(parser)
     parser.add_argument("--severities", nargs="*", type=int, choices=(1, 2, 3), default=list(runs.DEFAULT_SEVERITIES),
                         help="corruption severities of the robustness evaluation (none: skip it)")
 
@@ -164,7 +169,9 @@ def cmd_worker(args) -> None:
 
 
 def cmd_status(args) -> None:
-    print(json.dumps(queue_status(open_storage(args.storage or default_storage()), args.queue), indent=2))
+    status = queue_status(open_storage(args.storage or default_storage()), args.queue)
+    status.pop("reports")  # the finished cells' whole reports: `summary --source` tabulates them
+    print(json.dumps(status, indent=2))
 
 
 def cmd_tune(args) -> None:
@@ -207,7 +214,8 @@ def cmd_figures(args) -> None:
 
 def cmd_presets(args) -> None:
     table = pipeline.compare_presets(seeds=args.seeds, dataset=args.dataset, device=args.device,
-                                     n_train=args.n_train, n_test=args.n_test, epochs=args.epochs)
+                                     n_train=args.n_train, n_test=args.n_test, epochs=args.epochs,
+                                     quiet=args.quiet)
     print(json.dumps(table, indent=2))
 
 
@@ -235,7 +243,7 @@ def _heartbeat_flag(parser: argparse.ArgumentParser) -> None:
                         help="seconds between worker heartbeats; a cell silent for 4 heartbeats is retried")
 
 
-def _add_training_commands(sub) -> None:
+def _add_run_and_grid(sub) -> None:
     p = _subcommand(sub, "run", cmd_run, "train one configuration (or load it when finished)")
     add_config_flags(p)
     add_run_flags(p)
@@ -252,15 +260,17 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="training seeds of every cell")
     p.add_argument("--workers", type=at_least(1), default=1, help="worker processes on this machine")
 
+
+def _add_tune_and_distill(sub) -> None:
     p = _subcommand(sub, "tune", cmd_tune, "Optuna TPE over lr, weight decay, p_aug and scheduler")
     add_config_flags(p)
-    add_run_flags(p)
+    add_device_flags(p)
     add_queue_flags(p, None, shown_default=f"<dataset>-{pipeline.TUNE_QUEUE_NAME}")
     p.add_argument("--n-trials", type=at_least(1), default=40, help="trials wanted in the study in total")
     p.add_argument("--trial-epochs", type=at_least(1), default=3, help="epochs of each trial")
 
     p = _subcommand(sub, "distill", cmd_distill, "distil a teacher run into a student, and train the student alone")
-    p.add_argument("--teacher", default="best", help="a run id, or 'best' (the best finished ResNet18Cifar run)")
+    p.add_argument("--teacher", default="best", help="a run id, or 'best' (the ResNet18Cifar run best on validation)")
     p.add_argument("--student", choices=config.MODELS, default="simplecnn", help="the student network")
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
     p.add_argument("--alpha", type=float, default=0.7, help="weight of the distillation term")
@@ -268,21 +278,22 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--dataset", choices=config.DATASETS, help="data set of the 'best' teacher (default: any)")
     add_run_flags(p)
 
+
+def _add_presets_and_study(sub) -> None:
     p = _subcommand(sub, "presets", cmd_presets, "train the original and the strong preset side by side")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds of each preset")
     p.add_argument("--n-train", type=int, default=6000, help="train images (stratified subset)")
     p.add_argument("--n-test", type=int, default=2000, help="test images (stratified subset)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of every run")
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto")
+    add_device_flags(p)
 
     p = _subcommand(sub, "study", cmd_study, "the whole study, in order and resumably")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on a CPU")
     p.add_argument("--workers", type=at_least(1), default=1, help="worker processes on this machine")
     p.add_argument("--storage", help="queue storage (default: reports/optuna.journal)")
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto")
-    p.add_argument("--quiet", action="store_true", help="no progress lines (one line per epoch by default)")
+    add_device_flags(p)
     _heartbeat_flag(p)
 
 
@@ -312,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_training_commands(sub)
+    _add_run_and_grid(sub)
+    _add_tune_and_distill(sub)
+    _add_presets_and_study(sub)
     _add_queue_and_report_commands(sub)
     return parser
 

@@ -32,6 +32,7 @@ from runs import (
     best_val_f1,
     canonical_config,
     check_device,
+    load_teacher,
     parse_digits,
     read_report,
     report_path,
@@ -41,7 +42,15 @@ from runs import (
 )
 from stats import compare_groups, format_estimate, seed_summary
 from training import DivergenceError, format_duration
-from work_queue import create_tuning_study, default_storage, enqueue_cells, open_storage, queue_status, run_worker
+from work_queue import (
+    QueueError,
+    create_tuning_study,
+    default_storage,
+    enqueue_cells,
+    open_storage,
+    queue_status,
+    run_worker,
+)
 
 TUNE_QUEUE_NAME = "tuning"  # prefixed with the dataset: "<dataset>-tuning"
 
@@ -145,7 +154,7 @@ def _run_worker_processes(workers: int, storage: str, queue_name: str, device: s
 def _collect_reports(configs: list[TrainConfig]) -> list[dict]:
     missing = [run_id(cfg) for cfg in configs if not report_path(run_id(cfg)).exists()]
     if missing:
-        raise RuntimeError(f"{len(missing)} cell(s) did not finish: {missing[:5]}...; see the queue's "
+        raise QueueError(f"{len(missing)} cell(s) did not finish: {missing[:5]}...; see the queue's "
                            "failed trials (python experiments.py status) and run a worker again")
     return [read_report(report_path(run_id(cfg))) for cfg in configs]
 
@@ -243,7 +252,9 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
     """
     teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else teacher
     if not report_path(teacher_id).exists():
-        raise ConfigError(f"teacher run {teacher_id!r} not found in {config.RUNS_DIR}")
+        raise ConfigError(f"teacher run {teacher_id!r} not found in {config.RUNS_DIR}; name a finished run's id "
+                          "or use --teacher best")
+    load_teacher(teacher_id, "cpu")  # a damaged or replaced teacher model fails here, before any training
     teacher_report = read_report(report_path(teacher_id))
     teacher_cfg = TrainConfig(**teacher_report["config"])
     student_cfg = dataclasses.replace(teacher_cfg, model=student, teacher=teacher_id, kd_temperature=T,
@@ -268,10 +279,10 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
 
 
 def compare_presets(presets=("original", "strong"), *, seeds=(0, 1), dataset: str = "synthetic",
-                    device: str = "auto", **sizes) -> dict:
+                    device: str = "auto", quiet: bool = False, **sizes) -> dict:
     """Train each preset with the same data, sizes and seeds; the seed-aware comparison on the same
     test images says whether the last preset beats the first. Written to reports/presets.json."""
-    reports_ = {name: [run(config.preset_config(name, dataset=dataset, seed=seed, **sizes), device=device)
+    reports_ = {name: [run(config.preset_config(name, dataset=dataset, seed=seed, **sizes), device=device, quiet=quiet)
                        for seed in seeds] for name in presets}
     everything = pd.Series([r for group in reports_.values() for r in group])
     y_true = same_test_labels(everything)
