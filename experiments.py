@@ -251,7 +251,7 @@ def _add_run_and_grid(sub) -> None:
     p = _subcommand(sub, "grid", cmd_grid, "enqueue a models x stages x p_aug x seeds grid and work on it")
     add_config_flags(p, skip=_GRID_FIELDS)
     add_run_flags(p)
-    add_queue_flags(p, reports.DEFAULT_QUEUE_NAME)
+    add_queue_flags(p, None, shown_default=reports.grid_queue_name("<dataset>"))
     _heartbeat_flag(p)
     p.add_argument("--models", nargs="+", choices=config.MODELS, default=["simplecnn"], help="models of the grid")
     p.add_argument("--stages", nargs="+", choices=config.ALL_STAGES, default=list(config.STAGES[1:]), metavar="STAGE",

@@ -21,6 +21,7 @@ from reports import (
     DEFAULT_QUEUE_NAME,
     comparison_row,
     figures,
+    grid_queue_name,
     load_reports,
     same_test_labels,
     save_tuning_figures,
@@ -121,16 +122,18 @@ class CellProgress:
 
 
 def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GRID, seeds=(42,), *,
-         base: TrainConfig | None = None, storage: str | None = None, queue_name: str = DEFAULT_QUEUE_NAME,
+         base: TrainConfig | None = None, storage: str | None = None, queue_name: str | None = None,
          workers: int = 1, device: str = "auto", severities=DEFAULT_SEVERITIES,
          quiet: bool = False, heartbeat: float = 30.0) -> list[dict]:
     """Run a models x stages x p_augs x seeds grid through the queue; returns the reports.
 
-    ``workers > 1`` starts that many worker processes on this machine; more workers on other
-    machines can join with ``python experiments.py worker --storage URL --study NAME``.
+    The queue is ``queue_name``, by default ``<dataset>-grid``. ``workers > 1`` starts that many worker
+    processes on this machine; more workers on other machines can join with
+    ``python experiments.py worker --storage URL --study NAME``.
     """
     config.require(workers >= 1, f"workers must be at least 1, got {workers}")
     base = base or config.preset_config("original")
+    queue_name = queue_name or grid_queue_name(base.dataset)
     configs = grid_configs(models, stages, p_augs, seeds, base)
     storage = storage or default_storage()
     enqueue_grid(configs, storage, queue_name, severities)

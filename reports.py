@@ -20,7 +20,13 @@ from runs import ReportError, best_val_f1, model_path, parse_digits, read_report
 from stats import FAMILY_METHOD, at_chance, chance_band, compare_family, format_estimate, seed_summary, still_improving
 from work_queue import is_storage, open_storage, reports_from_storage
 
-DEFAULT_QUEUE_NAME = "grid"  # the queue a grid uses when none is named
+
+def grid_queue_name(dataset: str) -> str:
+    """The queue a grid uses when none is named: it follows the dataset ("synthetic-grid")."""
+    return f"{dataset}-grid"
+
+
+DEFAULT_QUEUE_NAME = grid_queue_name("synthetic")  # what worker, status and summary read unless told
 
 ROW_COLUMNS = [
     "run_id", "dataset", "model", "stage", "p_aug", "seed", "preset", "epochs", "teacher",
