@@ -11,135 +11,33 @@ defaults); a flag left out keeps the preset's value.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import sys
-import types
-import typing
-from pathlib import Path
 
 import config
 import pipeline
 import reports
 import runs
-from config import ConfigError, TrainConfig
+from cli_flags import (
+    HelpFormatter,
+    OneLineErrorParser,
+    add_config_flags,
+    add_device_flags,
+    add_queue_flags,
+    add_run_flags,
+    at_least,
+    config_from_args,
+)
+from config import ConfigError
 from data_loading import DatasetError
 from training import DivergenceError
-from work_queue import QueueError, default_storage, is_storage, open_storage, queue_status
+from work_queue import QueueError, default_storage, open_storage, queue_status
 
 # Errors the library raises on purpose: their message names the problem and the fix, so the
 # command line prints that one line (no traceback unless --debug).
 EXPECTED_ERRORS = (ConfigError, runs.ReportError, DatasetError, QueueError, DivergenceError)
-# Fields set by a subcommand's own flags (distill) or lists of values (grid), not by --field.
+# Fields a grid takes as lists of values (--models, --stages, --p-augs, --seeds), not as --field.
 _GRID_FIELDS = ("model", "stage", "p_aug", "seed")
-_DISTILL_FIELDS = ("teacher", "kd_temperature", "kd_alpha")
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A usage error is one line on stderr (the problem, then where the help is) and exit status 2,
-    like every other error of the command line; subcommand parsers inherit it."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in every --help (flags whose default is "not given" say what applies instead), and the
-    module docstrings' line breaks kept."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-# ---------------------------------------------------------------- argument types checked at parsing
-
-
-def at_least(minimum: float, kind: type = int, *, strict: bool = False):
-    """An argparse type: a number of ``kind`` that is at least ``minimum`` (above it when ``strict``),
-    so a count or a period that cannot work is refused before any work starts."""
-    bound = f"{'above' if strict else 'at least'} {minimum}"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {bound}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-# ---------------------------------------------------------------- flags from TrainConfig
-
-
-def _flag_type(field: dataclasses.Field):
-    """The argparse type of a TrainConfig field: int, float or str (``X | None`` -> X)."""
-    hint = typing.get_type_hints(TrainConfig)[field.name]
-    if isinstance(hint, types.UnionType):
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
-
-
-def _shown_default(name: str, default):
-    return config.PRESETS["original"].get(name, default)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field (``--n-train`` for n_train), its help and choices from the field."""
-    group = parser.add_argument_group("training configuration (defaults: the original preset's values)")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in skip:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata['help']} (default: {_shown_default(field.name, field.default)})"
-        kind = _flag_type(field)
-        if kind is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
-        else:
-            group.add_argument(flag, dest=field.name, type=kind, choices=field.metadata["choices"], default=None,
-                               help=help_text)
-    group.add_argument("--no-hflip", action="store_true",
-                       help="use the stages' variants without the horizontal flip")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset named by --preset with every field flag that was given."""
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    preset = overrides.pop("preset", "original")
-    if args.no_hflip and overrides.get("stage", "none") in config.STAGES[1:]:
-        overrides["stage"] += config.NOFLIP_SUFFIX
-    return config.preset_config(preset, **overrides)
-
-
-def add_device_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of every subcommand that trains: the device and quietness."""
-    parser.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (the first available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines (one line per epoch by default)")
-
-
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Device and quietness, and the corruption severities of the runs' robustness evaluation."""
-    add_device_flags(parser)
-    parser.add_argument("--severities", nargs="*", type=int, choices=(1, 2, 3), default=list(runs.DEFAULT_SEVERITIES),
-                        help="corruption severities of the robustness evaluation (none: skip it)")
-
-
-def add_queue_flags(parser: argparse.ArgumentParser, default_queue: str | None, shown_default: str = "") -> None:
-    """--storage and --study; ``shown_default`` tells what applies when the queue's default is None."""
-    parser.add_argument("--storage", help="queue storage: a journal file, sqlite:/// or postgresql:// URL "
-                                          "(default: reports/optuna.journal)")
-    parser.add_argument("--study", dest="queue", default=default_queue,
-                        help="name of the queue in the storage" + (f" (default: {shown_default})" if shown_default
-                                                                    else ""))
 
 
 # ---------------------------------------------------------------- one handler per subcommand
@@ -187,28 +85,13 @@ def cmd_distill(args) -> None:
     print(json.dumps(table, indent=2))
 
 
-def existing_source(source: str | None) -> str | None:
-    """``source`` unchanged when it names something that exists: a reports folder, a journal or SQLite file,
-    or a database URL (its server says); a mistyped path is an error rather than an empty table."""
-    if source is None or ("://" in source and not source.startswith(("journal://", "sqlite:///"))):
-        return source
-    path = Path(source.removeprefix("journal://").removeprefix("sqlite:///"))
-    if is_storage(source):
-        config.require(path.is_file(), f"--source {source}: no such queue storage file; name an existing journal "
-                                       "or database, or a reports folder such as reports/runs")
-    else:
-        config.require(path.is_dir(), f"--source {source} is not a folder of reports; name an existing one "
-                                      "(default: reports/runs) or a queue storage")
-    return source
-
-
 def cmd_summary(args) -> None:
-    markdown, csv_path = reports.write_summary(reports.load_reports(existing_source(args.source), args.study))
+    markdown, csv_path = reports.write_summary(reports.load_reports(args.source, args.study))
     print(markdown + f"\nCSV: {csv_path}")
 
 
 def cmd_figures(args) -> None:
-    for path in reports.figures(reports.load_reports(existing_source(args.source), args.study)):
+    for path in reports.figures(reports.load_reports(args.source, args.study)):
         print(path)
 
 

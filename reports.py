@@ -56,10 +56,26 @@ def load_reports(source: str | Path | None = None, study_name: str | None = None
 
 
 def _reports_from_source(source, study_name) -> list[dict]:
+    if source is not None:
+        _check_source(str(source))
     if source is not None and is_storage(source):
         return reports_from_storage(open_storage(str(source)), study_name or DEFAULT_QUEUE_NAME)
     folder = Path(source) if source is not None else config.RUNS_DIR
     return [read_report(path) for path in sorted(folder.glob("*.json"))]
+
+
+def _check_source(source: str) -> None:
+    """A source must exist (a reports folder, a journal or SQLite file; a database URL's server answers for
+    itself): a mistyped path is an error rather than an empty table."""
+    if "://" in source and not source.startswith(("journal://", "sqlite:///")):
+        return
+    path = Path(source.removeprefix("journal://").removeprefix("sqlite:///"))
+    if is_storage(source):
+        config.require(path.is_file(), f"source {source}: no such queue storage file; name an existing journal "
+                                       "or database, or a reports folder such as reports/runs")
+    else:
+        config.require(path.is_dir(), f"source {source} is not a folder of reports; name an existing one "
+                                      "(default: reports/runs) or a queue storage")
 
 
 def report_row(report: dict) -> dict:
