@@ -6,7 +6,7 @@ Metrics from a confusion matrix have their one home here (`metrics_from_confusio
 Two sources of noise separate a measured metric from the truth:
 
 - the finite test set: with the trained model held fixed, resample test images with replacement
-  (`bootstrap_ci`, `paired_bootstrap`, `compare_to_baseline`) or count disagreements (`mcnemar`);
+  (`bootstrap_ci`, the interval every run reports);
 - the training seed: mean, standard deviation and Student-t interval over runs (`seed_summary`).
 
 A verdict that an augmentation changes a model must survive both: `compare_family` tests every cell
@@ -30,7 +30,6 @@ from config import NUM_CLASSES, require
 METRICS = ("f1_macro", "accuracy")
 BOOTSTRAP_METHOD = "percentile bootstrap over test images"
 # McNemar switches from the exact binomial test to chi-square once this many images are discordant.
-MCNEMAR_EXACT_BELOW = 25
 # Resampled labels held at once per prediction array (int64: 32 MiB); bounds memory for any n and n_boot.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -219,19 +218,6 @@ def _percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[flo
     return float(low), float(high)
 
 
-def _bootstrap_p_value(diffs: np.ndarray) -> float:
-    """Two-sided p-value that a difference is zero, from its bootstrap distribution (n_boot,).
-
-    Twice the smaller share of replicates on either side of 0 (ties count on both sides), with +1 in
-    numerator and denominator so that it is never 0: about the smallest 1 - confidence at which the
-    percentile interval still contains 0. Identical predictions give 1.
-    """
-    n = diffs.size
-    below = np.count_nonzero(diffs <= 0)
-    above = np.count_nonzero(diffs >= 0)
-    return float(min(1.0, 2.0 * (min(below, above) + 1) / (n + 1)))
-
-
 def bootstrap_ci(
     y_true,
     y_pred,
@@ -258,69 +244,6 @@ def bootstrap_ci(
         "metric": metric,
         "method": BOOTSTRAP_METHOD,
     }
-
-
-def paired_bootstrap(
-    y_true,
-    pred_a,
-    pred_b,
-    metric: str = "f1_macro",
-    n_boot: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    num_classes: int = NUM_CLASSES,
-) -> dict:
-    """Does model b score differently from model a on the same test images?
-
-    Both are scored on the same resamples, so the shared difficulty of the images cancels. Returns
-    diff = metric(b) - metric(a), its percentile interval (low, high), the two-sided bootstrap
-    p_value of diff = 0, n_boot, confidence, metric and method.
-    """
-    diff = metric_value(y_true, pred_b, metric, num_classes) - metric_value(
-        y_true, pred_a, metric, num_classes
-    )
-    reps = bootstrap_replicates(y_true, [pred_a, pred_b], metric, n_boot, seed, num_classes)  # (2, n_boot)
-    diffs = reps[1] - reps[0]
-    low, high = _percentile_interval(diffs, confidence)
-    return {
-        "diff": float(diff),
-        "low": low,
-        "high": high,
-        "p_value": _bootstrap_p_value(diffs),
-        "n_boot": int(n_boot),
-        "confidence": float(confidence),
-        "metric": metric,
-        "method": "paired " + BOOTSTRAP_METHOD,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-# McNemar
-
-
-def mcnemar(y_true, pred_a, pred_b, num_classes: int = NUM_CLASSES) -> dict:
-    """McNemar's test: do models a and b err on the same number of test images?
-
-    Only discordant images count: b = a right and b wrong, c = a wrong and b right. Tests accuracy,
-    not F1. With b + c < 25 the exact binomial test of b ~ Binomial(b + c, 1/2) (statistic = b),
-    otherwise chi-square with continuity correction (|b - c| - 1)^2 / (b + c), 1 degree of freedom.
-    """
-    t = _labels(y_true, num_classes, "y_true")
-    right_a = _labels(pred_a, num_classes, "pred_a") == t
-    right_b = _labels(pred_b, num_classes, "pred_b") == t
-    b = int(np.count_nonzero(right_a & ~right_b))
-    c = int(np.count_nonzero(~right_a & right_b))
-    if b + c == 0:
-        statistic, p_value, method = 0.0, 1.0, "exact binomial (no discordant images)"
-    elif b + c < MCNEMAR_EXACT_BELOW:
-        statistic = float(b)
-        p_value = sps.binomtest(b, b + c, 0.5).pvalue
-        method = "exact binomial"
-    else:
-        statistic = (abs(b - c) - 1) ** 2 / (b + c)
-        p_value = sps.chi2.sf(statistic, df=1)
-        method = "chi-square with continuity correction"
-    return {"b": b, "c": c, "statistic": float(statistic), "p_value": float(p_value), "method": method}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,82 +303,6 @@ def significant_flags(p_values, alpha: float = 0.05) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------
-# A grid cell against its baseline
-
-
-def _prediction_stack(preds, name: str) -> np.ndarray:
-    """A list of per-seed prediction arrays (or one array) as (S, n)."""
-    stack = np.atleast_2d(np.asarray(preds))
-    if stack.ndim != 2 or stack.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty list of equally long prediction arrays")
-    return stack
-
-
-def compare_to_baseline(
-    y_true,
-    baseline_preds,
-    cell_preds,
-    metric: str = "f1_macro",
-    n_boot: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    num_classes: int = NUM_CLASSES,
-) -> dict:
-    """Compare a grid cell with the no-augmentation baseline of the same model on the same test images.
-
-    What is tested: the trained models are held fixed and the test images are the random sample.
-    diff = mean over cell seeds of metric(cell) - mean over baseline seeds of metric(baseline), each
-    seed scored on its own predictions (no majority vote). One bootstrap resample of the images is
-    applied to all seeds of both sides at once, which gives the interval (low, high) and the
-    two-sided p_value of "diff = 0 on the population of test images". This does not include how much
-    a new training seed would move the metric; that spread is in seed_summary over seeds and in
-    seed_diffs.
-
-    Seeds are paired by position (seed i of the cell with seed i of the baseline) when both lists are
-    equally long: seed_diffs then lists the per-pair differences (their mean is diff), and McNemar
-    runs on each pair. When the counts differ, seed_diffs is None and McNemar runs on the first
-    min(counts) pairs. mcnemar_p is the largest per-pair McNemar p-value (accuracy, not F1): below
-    alpha only when every pair differs significantly, a level-alpha intersection-union test; check
-    the signs of seed_diffs, since the pairs may differ in opposite directions.
-
-    Not a verdict on an augmentation: the trained models are treated as fixed and the bootstrap p
-    cannot go below 2/(n_boot + 1). Use compare_family for that.
-    """
-    base = _prediction_stack(baseline_preds, "baseline_preds")  # (S_b, n)
-    cell = _prediction_stack(cell_preds, "cell_preds")  # (S_c, n)
-    n_base, n_cell = base.shape[0], cell.shape[0]
-    reps = bootstrap_replicates(
-        y_true, list(base) + list(cell), metric, n_boot, seed, num_classes
-    )  # (S_b + S_c, n_boot)
-    diffs = reps[n_base:].mean(axis=0) - reps[:n_base].mean(axis=0)  # (n_boot,)
-    base_values = [metric_value(y_true, p, metric, num_classes) for p in base]
-    cell_values = [metric_value(y_true, p, metric, num_classes) for p in cell]
-    paired = n_base == n_cell
-    low, high = _percentile_interval(diffs, confidence)
-    n_pairs = min(n_base, n_cell)
-    pairs = zip(base[:n_pairs], cell[:n_pairs], strict=True)
-    mcnemar_ps = [mcnemar(y_true, a, b, num_classes)["p_value"] for a, b in pairs]
-    return {
-        "diff": float(np.mean(cell_values) - np.mean(base_values)),
-        "low": low,
-        "high": high,
-        "p_value": _bootstrap_p_value(diffs),
-        "mcnemar_p": float(max(mcnemar_ps)),
-        "mcnemar_p_per_pair": mcnemar_ps,
-        "baseline_mean": float(np.mean(base_values)),
-        "cell_mean": float(np.mean(cell_values)),
-        "seed_diffs": [c - b for b, c in zip(base_values, cell_values, strict=True)] if paired else None,
-        "paired_seeds": paired,
-        "n_seeds": int(n_cell),
-        "n_baseline_seeds": int(n_base),
-        "n_boot": int(n_boot),
-        "confidence": float(confidence),
-        "metric": metric,
-        "method": "paired " + BOOTSTRAP_METHOD + ", seeds averaged; McNemar per seed pair",
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
 # Seed-aware verdicts: a family of cells against one baseline
 
 FAMILY_METHOD = (
@@ -487,6 +334,14 @@ def _influence_tables(cms: np.ndarray, metric: str) -> np.ndarray:
     diagonal = 2.0 * _ratio(1.0 - per_class_f1(cms), share)  # (S, K)
     table[:, np.arange(k), np.arange(k)] = diagonal
     return table.reshape(n_seeds, k * k) / k
+
+
+def _prediction_stack(preds, name: str) -> np.ndarray:
+    """A list of per-seed prediction arrays (or one array) as (S, n)."""
+    stack = np.atleast_2d(np.asarray(preds))
+    if stack.ndim != 2 or stack.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty list of equally long prediction arrays")
+    return stack
 
 
 def _seed_codes(labels: np.ndarray, preds, num_classes: int, name: str) -> np.ndarray:

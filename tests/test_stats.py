@@ -143,68 +143,8 @@ def test_bootstrap_ci_is_deterministic_for_a_seed():
 # Paired comparison of two models on the same images
 
 
-def test_paired_bootstrap_of_identical_predictions_finds_nothing():
-    y, pred = noisy_model(1000, 0.8, seed=8)
-    res = stats.paired_bootstrap(y, pred, pred.copy(), n_boot=200)
-    assert res["diff"] == 0 and res["low"] == 0 and res["high"] == 0
-    assert res["p_value"] == pytest.approx(1.0)
-
-
-def test_paired_bootstrap_detects_a_clearly_better_model():
-    """10% more images right out of 5000 is far beyond test-set noise."""
-    rng = np.random.default_rng(9)
-    y, pred_a = noisy_model(5000, 0.75, seed=9)
-    pred_b = better_model(y, pred_a, n_fixed=600, n_broken=100, rng=rng)
-    res = stats.paired_bootstrap(y, pred_a, pred_b, n_boot=1000)
-    assert res["diff"] == pytest.approx(sk_f1(y, pred_b) - sk_f1(y, pred_a))
-    assert res["p_value"] < 0.01
-    assert 0 < res["low"] < res["diff"] < res["high"]
-
-
-def test_paired_bootstrap_calls_a_tiny_difference_noise():
-    """0.2% (4 images of 2000) between models that disagree on 100 images is not significant."""
-    rng = np.random.default_rng(10)
-    y, pred_a = noisy_model(2000, 0.85, seed=10)
-    pred_b = better_model(y, pred_a, n_fixed=52, n_broken=48, rng=rng)
-    assert np.mean(pred_b == y) - np.mean(pred_a == y) == pytest.approx(0.002)
-    for metric in ("f1_macro", "accuracy"):
-        res = stats.paired_bootstrap(y, pred_a, pred_b, metric=metric, n_boot=1000)
-        assert res["p_value"] > 0.05
-        assert res["low"] < 0 < res["high"]
-    assert stats.mcnemar(y, pred_a, pred_b)["p_value"] > 0.05
-
-
 # ---------------------------------------------------------------------------------------------------
 # McNemar
-
-
-def test_mcnemar_exact_matches_binomial_test():
-    rng = np.random.default_rng(11)
-    y, pred_a = noisy_model(500, 0.8, seed=11)
-    pred_b = better_model(y, pred_a, n_fixed=9, n_broken=3, rng=rng)
-    res = stats.mcnemar(y, pred_a, pred_b)
-    b = np.sum((pred_a == y) & (pred_b != y))
-    c = np.sum((pred_a != y) & (pred_b == y))
-    assert (res["b"], res["c"]) == (b, c) == (3, 9)
-    assert res["p_value"] == pytest.approx(sps.binomtest(3, 12, 0.5).pvalue)
-    assert "exact" in res["method"]
-
-
-def test_mcnemar_chi_square_with_continuity_correction():
-    rng = np.random.default_rng(12)
-    y, pred_a = noisy_model(2000, 0.8, seed=12)
-    pred_b = better_model(y, pred_a, n_fixed=40, n_broken=20, rng=rng)
-    res = stats.mcnemar(y, pred_a, pred_b)
-    statistic = (abs(20 - 40) - 1) ** 2 / 60
-    assert (res["b"], res["c"]) == (20, 40)
-    assert res["statistic"] == pytest.approx(statistic)
-    assert res["p_value"] == pytest.approx(sps.chi2.sf(statistic, df=1))
-
-
-def test_mcnemar_without_discordant_images():
-    y, pred = noisy_model(100, 0.8, seed=13)
-    res = stats.mcnemar(y, pred, pred)
-    assert (res["b"], res["c"], res["p_value"]) == (0, 0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,44 +204,6 @@ def test_seed_summary_of_one_run_is_flagged_not_nan():
 
 # ---------------------------------------------------------------------------------------------------
 # A grid cell against its baseline
-
-
-def test_compare_with_one_seed_equals_paired_bootstrap():
-    rng = np.random.default_rng(14)
-    y, base = noisy_model(1500, 0.8, seed=14)
-    cell = better_model(y, base, n_fixed=60, n_broken=30, rng=rng)
-    res = stats.compare_to_baseline(y, [base], [cell], n_boot=300, seed=3)
-    paired = stats.paired_bootstrap(y, base, cell, n_boot=300, seed=3)
-    for key in ("diff", "low", "high", "p_value"):
-        assert res[key] == pytest.approx(paired[key])
-    assert res["mcnemar_p"] == pytest.approx(stats.mcnemar(y, base, cell)["p_value"])
-    assert res["n_seeds"] == 1 and res["paired_seeds"] is True
-
-
-def test_compare_averages_seeds_and_pairs_them():
-    rng = np.random.default_rng(15)
-    y = rng.integers(0, K, 3000)
-    base = [predictions(y, rng.random(y.size) < 0.8, rng) for _ in range(3)]
-    cell = [better_model(y, b, n_fixed=250, n_broken=50, rng=rng) for b in base]
-    res = stats.compare_to_baseline(y, base, cell, n_boot=300)
-    seed_diffs = [sk_f1(y, c) - sk_f1(y, b) for b, c in zip(base, cell, strict=True)]
-    assert res["diff"] == pytest.approx(np.mean(seed_diffs))
-    np.testing.assert_allclose(res["seed_diffs"], seed_diffs)
-    assert res["mcnemar_p"] == max(stats.mcnemar(y, b, c)["p_value"] for b, c in zip(base, cell, strict=True))
-    assert res["p_value"] < 0.01 and res["low"] > 0
-    assert res["n_seeds"] == 3
-
-
-def test_compare_with_unequal_seed_counts_uses_means():
-    rng = np.random.default_rng(16)
-    y = rng.integers(0, K, 1000)
-    base = [predictions(y, rng.random(y.size) < 0.8, rng) for _ in range(2)]
-    cell = [predictions(y, rng.random(y.size) < 0.8, rng) for _ in range(3)]
-    res = stats.compare_to_baseline(y, base, cell, n_boot=200)
-    assert res["diff"] == pytest.approx(np.mean([sk_f1(y, c) for c in cell]) - np.mean([sk_f1(y, b) for b in base]))
-    assert res["paired_seeds"] is False and res["seed_diffs"] is None
-    assert len(res["mcnemar_p_per_pair"]) == 2
-    assert (res["n_seeds"], res["n_baseline_seeds"]) == (3, 2)
 
 
 # ---------------------------------------------------------------------------------------------------
