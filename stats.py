@@ -29,7 +29,6 @@ from config import NUM_CLASSES, require
 
 METRICS = ("f1_macro", "accuracy")
 BOOTSTRAP_METHOD = "percentile bootstrap over test images"
-# McNemar switches from the exact binomial test to chi-square once this many images are discordant.
 # Resampled labels held at once per prediction array (int64: 32 MiB); bounds memory for any n and n_boot.
 _CHUNK_ELEMENTS = 1 << 22
 
