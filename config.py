@@ -108,7 +108,7 @@ class TrainConfig:
     loader: str = _field("device", "device: batches and augmentation on the device; torch: the original "
                                    "per-sample DataLoader pipeline", LOADERS)
     num_workers: int = _field(2, "DataLoader worker processes of the torch loader")
-    compile: bool = _field(False, "wrap the model in torch.compile")
+    compile: bool = _field(False, "compile the model and the batched augmentation's apply with torch.compile")
     teacher: str | None = _field(None, "run id of a teacher to distil from (default: none)")
     kd_temperature: float = _field(4.0, "distillation temperature T")
     kd_alpha: float = _field(0.7, "weight of the distillation term, in [0, 1]")

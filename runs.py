@@ -149,7 +149,8 @@ def make_loaders(cfg: TrainConfig, data: RunData, device: str) -> tuple[tuple, s
     pipeline; ``augment_path`` says which augmentation path the train loader actually runs."""
     if cfg.loader == "torch":
         return _per_sample_loaders(cfg, data), ("none" if cfg.stage == "none" else "per-sample")
-    augment = None if cfg.stage == "none" else BatchAugment(cfg.stage, cfg.p_aug, data.mean, data.std)
+    augment = None if cfg.stage == "none" else BatchAugment(cfg.stage, cfg.p_aug, data.mean, data.std,
+                                                                compile=cfg.compile)
     train = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std,
                          device=device, shuffle=True, augment=augment, seed=cfg.seed)
     val = evaluation_loader(data.val_x, data.val_y, data, cfg.eval_batch_size, device)
