@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import config
@@ -31,7 +32,7 @@ from cli_flags import (
 from config import ConfigError
 from data_loading import DatasetError
 from training import DivergenceError
-from work_queue import QueueError, default_storage, open_storage, queue_status
+from work_queue import QueueError, configure_optuna_logging, default_storage, open_storage, queue_status
 
 # Errors the library raises on purpose: their message names the problem and the fix, so the
 # command line prints that one line (no traceback unless --debug).
@@ -80,7 +81,8 @@ def cmd_tune(args) -> None:
 
 def cmd_distill(args) -> None:
     table = pipeline.distill(args.teacher, args.student, args.temperature, args.alpha, epochs=args.epochs,
-                             dataset=args.dataset, device=args.device, quiet=args.quiet,
+                             dataset=args.dataset, preset=args.preset, n_train=args.n_train, device=args.device,
+                             quiet=args.quiet,
                              severities=tuple(args.severities))
     print(json.dumps(table, indent=2))
 
@@ -157,7 +159,11 @@ def _add_tune_and_distill(sub) -> None:
     p.add_argument("--student", choices=config.MODELS, default="simplecnn", help="the student network")
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
     p.add_argument("--alpha", type=float, default=0.7, help="weight of the distillation term")
-    p.add_argument("--epochs", type=int, help="student epochs (default: the teacher's)")
+    p.add_argument("--epochs", type=at_least(1), help="student epochs (default: the teacher's)")
+    p.add_argument("--n-train", type=at_least(config.MIN_IMAGES), help="student train images (default: the "
+                   "teacher's; the test images are always the teacher's, so that the three compare)")
+    p.add_argument("--preset", choices=config.PRESET_NAMES, help="the students' optimizer settings (default: the "
+                   "teacher's)")
     p.add_argument("--dataset", choices=config.DATASETS, help="data set of the 'best' teacher (default: any)")
     add_run_flags(p)
 
@@ -216,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; an expected error ends with one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
+    # Optuna's lines (one per trial) through the library's logger, without colour codes.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_optuna_logging()
     try:
         if getattr(args, "device", None) is not None:
             runs.check_device(args.device)  # before any data is read or cell enqueued

@@ -245,12 +245,15 @@ def best_run_id(model: str = "resnet18", dataset: str | None = None) -> str:
 
 
 def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, alpha: float = 0.7, *,
-            epochs: int | None = None, dataset: str | None = None, device: str = "auto",
-            quiet: bool = False, severities=DEFAULT_SEVERITIES) -> dict:
+            epochs: int | None = None, dataset: str | None = None, preset: str | None = None,
+            n_train: int | None = None, device: str = "auto", quiet: bool = False,
+            severities=DEFAULT_SEVERITIES) -> dict:
     """Train ``student`` from a frozen teacher (same augmented batch), and the same student alone.
 
-    Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE. Writes
-    reports/distillation.json with teacher, distilled student and student alone: macro-F1 with
+    The students start from the teacher's settings (``preset`` replaces its optimizer settings,
+    ``n_train`` and ``epochs`` its budget); they are tested on the teacher's test images, so that the
+    three can be compared. Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE.
+    Writes reports/distillation.json with teacher, distilled student and student alone: macro-F1 with
     CI, parameters, inference images/s and checkpoint size.
     """
     teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else teacher
@@ -260,8 +263,10 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
     load_teacher(teacher_id, "cpu")  # a damaged or replaced teacher model fails here, before any training
     teacher_report = read_report(report_path(teacher_id))
     teacher_cfg = TrainConfig(**teacher_report["config"])
-    student_cfg = dataclasses.replace(teacher_cfg, model=student, teacher=teacher_id, kd_temperature=T,
-                                      kd_alpha=alpha, epochs=epochs or teacher_cfg.epochs)
+    settings = {**config.PRESETS[preset], "preset": preset} if preset else {}
+    student_cfg = dataclasses.replace(teacher_cfg, **settings, model=student, teacher=teacher_id, kd_temperature=T,
+                                      kd_alpha=alpha, epochs=epochs or teacher_cfg.epochs,
+                                      n_train=n_train or teacher_cfg.n_train, seed=teacher_cfg.seed)
     alone_cfg = dataclasses.replace(student_cfg, teacher=None)
     alone = run(alone_cfg, device=device, quiet=quiet, severities=severities)
     table = {"dataset": teacher_cfg.dataset, "teacher": teacher_id, "T": T, "alpha": alpha, "note": None}
