@@ -74,9 +74,10 @@ def cmd_status(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    tuning = pipeline.tune(args.n_trials, base=config_from_args(args), epochs=args.trial_epochs,
-                           storage=args.storage, queue_name=args.queue, device=args.device, quiet=args.quiet)
-    print(f"best trial {tuning.best_trial.number}: val macro-F1 {tuning.best_value:.4f} {tuning.best_params}")
+    base = config_from_args(args)
+    tuning = pipeline.tune(args.n_trials, base=base, epochs=args.trial_epochs, storage=args.storage,
+                           queue_name=args.queue, device=args.device, quiet=args.quiet)
+    print(pipeline.tuning_line(tuning, base))
 
 
 def cmd_distill(args) -> None:
@@ -219,12 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_library_log() -> None:
+    """The library's log lines (queue events, Optuna's trials) on stderr, as plain text; other
+    libraries' INFO chatter stays off."""
+    log = logging.getLogger("work_queue")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; an expected error ends with one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    # Optuna's lines (one per trial) through the library's logger, without colour codes.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    configure_optuna_logging()
+    show_library_log()
+    configure_optuna_logging()  # Optuna's lines (one per trial) through that log, without colour codes
     try:
         if getattr(args, "device", None) is not None:
             runs.check_device(args.device)  # before any data is read or cell enqueued

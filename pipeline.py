@@ -41,7 +41,7 @@ from runs import (
     run_id,
     train_model,
 )
-from stats import compare_groups, format_estimate, seed_summary
+from stats import chance_band, compare_groups, format_estimate, seed_summary
 from training import DivergenceError, format_duration
 from work_queue import (
     QueueError,
@@ -220,6 +220,16 @@ def _objective(base: TrainConfig, epochs: int, device: str, quiet: bool) -> Call
         return trained.fit_result["best_val_f1_macro"]
 
     return objective
+
+
+def tuning_line(tuning: optuna.Study, base: TrainConfig) -> str:
+    """The best trial in one line, saying so when its validation macro-F1 is at chance."""
+    best = tuning.best_trial
+    text = f"best trial {best.number}: validation macro-F1 {best.value:.4f} with {best.params}"
+    chance = chance_band(prepare_data(base).val_y.numpy())
+    if best.value <= chance:
+        text += f" -- AT CHANCE (a random or constant predictor reaches {chance:.3f}): tune with a larger budget"
+    return text
 
 
 def best_tuned_config(tuning: optuna.Study, base: TrainConfig, epochs: int) -> TrainConfig:
