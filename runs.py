@@ -46,7 +46,8 @@ from model import build_model, count_params
 from stats import at_chance, bootstrap_ci, chance_band, still_improving
 from training import compute_metrics, device_label, fit, predict, synchronize
 
-REPORT_SCHEMA_VERSION = 1
+# 2: run ids hash data and stage fingerprints; reports carry flags, budget and the model's hash.
+REPORT_SCHEMA_VERSION = 2
 CORRUPTION_SEED = 1234  # the corrupted test copies are the same for every run
 DEFAULT_SEVERITIES = (1, 2, 3)
 
@@ -129,7 +130,9 @@ def read_report(path: Path) -> dict:
             "every other report is untouched"
         ) from err
     if not isinstance(report, dict) or report.get("schema_version") != REPORT_SCHEMA_VERSION:
-        raise ReportError(f"report {path} has an unknown schema; delete it to retrain that run")
+        raise ReportError(f"report {path} was written by another version of the library (schema "
+                          f"{report.get('schema_version') if isinstance(report, dict) else '?'}, expected "
+                          f"{REPORT_SCHEMA_VERSION}); delete it to retrain that run")
     for dotted in REPORT_FIELDS:
         holder, names = report, dotted.split(".")
         for depth, name in enumerate(names, start=1):
