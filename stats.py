@@ -249,6 +249,14 @@ def bootstrap_ci(
 # Seeds and multiple comparisons
 
 
+def _finite_values(values, name: str) -> np.ndarray:
+    """A non-empty 1-D sequence of finite numbers as float64."""
+    v = np.asarray(values, dtype=np.float64)
+    require(v.ndim == 1 and v.size > 0, f"{name} must be a non-empty 1-D sequence, got shape {v.shape}")
+    require(bool(np.all(np.isfinite(v))), f"{name} must be finite")
+    return v
+
+
 def seed_summary(values, confidence: float = 0.95) -> dict:
     """Spread of a metric over training seeds: mean, std (ddof=1), n and a Student-t interval.
 
@@ -478,6 +486,92 @@ def compare_groups(y_true, preds_a, preds_b, **options) -> dict:
     mean(b) - mean(a) and the seed variance is pooled over the two groups.
     """
     return compare_family(y_true, preds_a, {"b": preds_b}, **options)["b"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeds a cell needs: an internal pilot that reads variances only
+
+
+def _seed_term_df(var_cell, n_cell, var_base, n_base):
+    """Welch-Satterthwaite degrees of freedom of var_cell / n_cell + var_base / n_base (arrays broadcast).
+
+    Each variance counts with its own seeds - 1 degrees of freedom; where both are 0 the term has none
+    to estimate and the df is that of the larger group (any finite value gives the same answer).
+    """
+    a, b = var_cell / n_cell, var_base / n_base
+    num = (a + b) ** 2
+    den = a**2 / np.maximum(n_cell - 1, 1) + b**2 / np.maximum(n_base - 1, 1)
+    fallback = np.maximum(n_cell, n_base) - 1.0
+    return np.divide(num, den, out=np.broadcast_to(fallback, np.shape(num)).astype(np.float64), where=den > 0)
+
+
+def seeds_needed(var_cell, n_cell, var_base, n_base, *, min_effect, family_size, alpha, power, seeds_max,
+                 test_var=0.0, baseline_seeds=None):
+    """Vectorized core of seeds_for_effect: arrays of variances and counts broadcast -> seeds (int array).
+
+    baseline_seeds None: the baseline grows with the cell (max of its count and the cell's).
+    """
+    n_cell = np.asarray(n_cell, dtype=np.int64)
+    candidates = np.arange(1, max(int(seeds_max), int(np.max(n_cell))) + 1)  # (N,)
+    shape = np.broadcast_shapes(np.shape(var_cell), np.shape(n_cell), np.shape(var_base), np.shape(n_base),
+                                np.shape(test_var))
+    n = candidates.reshape((-1,) + (1,) * len(shape)).astype(np.float64)  # (N, 1, ...)
+    n_b = np.maximum(n_base, n) if baseline_seeds is None else np.broadcast_to(baseline_seeds, n.shape)
+    seed_var = var_cell / n + var_base / n_b
+    se = np.sqrt(seed_var + test_var)
+    # The seed term's df only: the known test-image variance never adds degrees of freedom.
+    df = np.maximum(_seed_term_df(var_cell, n, var_base, n_b), 1.0)
+    crit = sps.t.ppf(1 - alpha / (2 * family_size), df)  # Bonferroni: Holm's first, strictest step
+    ncp = np.divide(min_effect, se, out=np.full(se.shape, np.inf), where=se > 0)
+    reached = (sps.nct.sf(crit, df, np.minimum(ncp, 1e6)) >= power) & (n >= n_cell)
+    reached |= n == candidates[-1]  # the cap: as many as allowed when no count reaches the power
+    first = np.argmax(reached, axis=0)  # index of the smallest count that reaches it
+    return np.maximum(candidates[first], n_cell)
+
+
+def seeds_for_effect(
+    cell_values,
+    baseline_values,
+    *,
+    min_effect: float = 0.02,
+    family_size: int = 1,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    seeds_max: int = 8,
+    test_se: float = 0.0,
+    baseline_seeds: int | None = None,
+) -> int:
+    """How many seeds in all a cell needs to detect a difference of min_effect from its baseline.
+
+    An internal pilot (Wittes and Brittain 1990; Kieser and Friede 2003): after the first seeds, the
+    seed count is re-estimated from the seed variances of the cell and of the baseline alone, never
+    from their difference, so looking does not raise the false-positive rate. The count n is the
+    smallest with power >= `power` for a two-sided Welch t test of a true difference min_effect at
+    level alpha / family_size (Holm's first step, the strictest), standard error
+    sqrt(s_cell^2 / n + s_base^2 / n_base + test_se^2) and the Satterthwaite degrees of freedom of the
+    seed term alone (the test-image variance is known, it adds none). The test-image standard error
+    of the difference is held fixed: more seeds shrink only its seed-specific part, so this errs
+    towards more seeds.
+
+    n_base is baseline_seeds when given, else max(current baseline seeds, n): the baseline is topped up
+    alongside its cells, so give it the largest count any cell of its family needs. The answer lies
+    between the cell's current seed count and seeds_max (the current count when that is already
+    larger); seeds_max when no count up to the cap reaches the power.
+    """
+    cell = _finite_values(cell_values, "cell_values")
+    base = _finite_values(baseline_values, "baseline_values")
+    require(cell.size >= 2 and base.size >= 2, "seeds_for_effect needs at least 2 seeds of the cell and of the "
+            "baseline to estimate their seed variance; run more seeds first")
+    require(min_effect > 0, f"min_effect must be > 0, got {min_effect}")
+    require(family_size >= 1, f"family_size must be >= 1, got {family_size}")
+    require(0.0 < alpha < 1.0 and 0.0 < power < 1.0, f"alpha and power must lie in (0, 1), got {alpha}, {power}")
+    require(seeds_max >= 2, f"seeds_max must be >= 2, got {seeds_max}")
+    require(test_se >= 0 and np.isfinite(test_se), f"test_se must be a finite number >= 0, got {test_se}")
+    require(baseline_seeds is None or baseline_seeds >= base.size,
+            f"baseline_seeds must be at least the baseline's {base.size} seeds, got {baseline_seeds}")
+    return int(seeds_needed(float(cell.var(ddof=1)), cell.size, float(base.var(ddof=1)), base.size,
+                            min_effect=min_effect, family_size=family_size, alpha=alpha, power=power,
+                            seeds_max=seeds_max, test_var=test_se**2, baseline_seeds=baseline_seeds))
 
 
 # ----------------------------------------------------------------------------------------------------
