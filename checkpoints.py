@@ -2,7 +2,11 @@
 
 A checkpoint holds the configuration, the weights, the optimizer's and the scheduler's state, the run's
 history and best weights (``RunState``), the loaders' generators and the global RNG of the CPU and the
-training device, so that a resumed CPU run ends bit for bit like an uninterrupted one. Each save is
+training device, so that a resumed CPU run ends bit for bit like an uninterrupted one. It records the
+device type it was written on: resumed on another one (written on a CPU, resumed on CUDA, or back), the
+weights, optimizer, scheduler, history and the CPU's generator are restored, and what cannot move between
+devices (the loaders' generators and the device's global generator, whose states differ in kind) is
+re-seeded from the run's seed and epoch, deterministically, with a warning. Each save is
 complete on disk before it replaces the file, and the one it replaces stays beside it as
 ``<checkpoint>.prev`` until the next save: a crash at any moment leaves a readable checkpoint, and a
 damaged latest one falls back to the previous one.
@@ -22,7 +26,7 @@ from torch import nn
 import atomic_io
 import config
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the device type is recorded ("device"); format 1 lacks it
 CHECKPOINT_KEYS = frozenset({"format", "config", "epoch", "model", "optimizer", "scheduler", "history",
                              "best_state", "best_epoch", "best_f1", "loader_states", "rng"})
 
@@ -50,6 +54,58 @@ def _restore_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     if rng.get("mps") is not None and torch.backends.mps.is_available():  # absent in older checkpoints
         torch.mps.set_rng_state(rng["mps"])
+
+
+def resume_seed(cfg: config.TrainConfig, epoch: int) -> int:
+    """The seed that replaces the device-bound generators of a run resumed on another device after
+    ``epoch``: a function of the run's seed and the epoch only, so two such resumptions agree."""
+    return cfg.seed * 1_000_003 + epoch
+
+
+def _reseed_device_bound(cfg: config.TrainConfig, epoch: int, loaders: tuple, device: torch.device) -> list[str]:
+    """Re-seed the loaders' generators and ``device``'s global generator from ``resume_seed``; the names of
+    what was re-seeded."""
+    seed = resume_seed(cfg, epoch)
+    reseeded = []
+    for name, loader in zip(("train", "val"), loaders, strict=True):
+        if hasattr(loader, "reseed"):
+            loader.reseed(seed)
+            reseeded.append(f"the {name} loader's generators")
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+        reseeded.append("CUDA's global generator")
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+        reseeded.append("MPS's global generator")
+    return reseeded
+
+
+def _restore_loaders(ckpt: dict, loaders: tuple) -> None:
+    for name, loader in zip(("train", "val"), loaders, strict=True):
+        if name in ckpt["loader_states"]:
+            loader.load_state_dict(ckpt["loader_states"][name])
+
+
+def _restore_randomness(ckpt: dict, cfg: config.TrainConfig, loaders: tuple, device: torch.device,
+                        source: Path) -> None:
+    """The loaders' and global generators as saved when the checkpoint was written on ``device``'s type
+    (or by a format without the device, as long as its states fit); else the CPU's generator as saved and
+    the device-bound ones re-seeded, with a warning."""
+    saved = ckpt.get("device")
+    if saved in (None, device.type):
+        try:
+            _restore_loaders(ckpt, loaders)
+            _restore_rng_state(ckpt["rng"])
+            return
+        except RuntimeError:  # a format-1 checkpoint of another device: generator states of another kind
+            if saved is not None:
+                raise
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    reseeded = _reseed_device_bound(cfg, ckpt["epoch"], loaders, device)
+    warnings.warn(f"checkpoint {source} was written on {saved or 'another device'} and resumes on {device.type}: "
+                  f"weights, optimizer, schedule and history restored; {', '.join(reseeded) or 'nothing'} re-seeded "
+                  f"from the run's seed and epoch {ckpt['epoch']} (deterministic, but the remaining epochs differ "
+                  "from an uninterrupted run's)", RuntimeWarning, stacklevel=3)
 
 
 @dataclasses.dataclass
@@ -98,6 +154,7 @@ def save_checkpoint(path: str | Path, cfg: config.TrainConfig, model: nn.Module,
         "best_f1": state.best_f1,
         "loader_states": _loader_states(*loaders),
         "rng": _rng_state(torch.device(device)),
+        "device": torch.device(device).type,
     }
     fresh = atomic_io.atomic_torch_save(payload, path.with_name(path.name + ".next"))
     if path.exists():
@@ -150,12 +207,13 @@ def _newest_readable_checkpoint(path: Path) -> tuple[Path, dict] | None:
 
 
 def load_checkpoint(path: str | Path, cfg: config.TrainConfig, model: nn.Module, optimizer, scheduler,
-                    loaders: tuple) -> RunState:
+                    loaders: tuple, device=None) -> RunState:
     """Restore what ``save_checkpoint`` saved into the model, optimizer, scheduler, loaders and the
     global RNG, and return the run's state; a fresh ``RunState()`` (nothing restored) when there is no
     checkpoint. A damaged latest checkpoint falls back to the previous one, and a run with none readable
-    restarts from scratch, each with a warning. Raises ConfigError for a checkpoint of another
-    configuration."""
+    restarts from scratch, each with a warning. ``device``: where the run resumes (None: the model's
+    device); a checkpoint written on another device type re-seeds what cannot move (see the module's
+    docstring). Raises ConfigError for a checkpoint of another configuration."""
     found = _newest_readable_checkpoint(Path(path))
     if found is None:
         return RunState()
@@ -169,11 +227,9 @@ def load_checkpoint(path: str | Path, cfg: config.TrainConfig, model: nn.Module,
             f"delete it or resume with the same TrainConfig"
         )
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(ckpt["optimizer"])  # its state moves to the parameters' device
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
-    for name, loader in zip(("train", "val"), loaders, strict=True):
-        if name in ckpt["loader_states"]:
-            loader.load_state_dict(ckpt["loader_states"][name])
-    _restore_rng_state(ckpt["rng"])
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    _restore_randomness(ckpt, cfg, loaders, device, source)
     return RunState(ckpt["epoch"], ckpt["history"], ckpt["best_state"], ckpt["best_epoch"], ckpt["best_f1"])

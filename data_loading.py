@@ -536,8 +536,9 @@ class DeviceLoader:
         self.shuffle = shuffle
         self.augment = augment
         self.drop_last = drop_last
-        self.generator = torch.Generator(device=self.device).manual_seed(_derived_seed(seed, 0))
-        self.aug_generator = torch.Generator(device=self.device).manual_seed(_derived_seed(seed, 1))
+        self.generator = torch.Generator(device=self.device)
+        self.aug_generator = torch.Generator(device=self.device)
+        self.reseed(seed)
 
     @property
     def num_samples(self) -> int:
@@ -569,6 +570,11 @@ class DeviceLoader:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
         self.aug_generator.set_state(state["aug_generator"])
+
+    def reseed(self, seed: int) -> None:
+        """Both generators from ``seed`` (batch order: stream 0, augmentation: stream 1), as at construction."""
+        self.generator.manual_seed(_derived_seed(seed, 0))
+        self.aug_generator.manual_seed(_derived_seed(seed, 1))
 
 
 # ----------------------------------------------------------------------------- a run's data

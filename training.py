@@ -513,15 +513,25 @@ def write_metrics_csv(path: str | Path, history: list[dict]) -> Path:
     return atomic_io.atomic_write_text(path, buffer.getvalue())
 
 
+def _warn_tensorboard(what: str, err: BaseException) -> None:
+    """TensorBoard is a convenience: its failure (a broken install, a full disk) is said and never stops a run."""
+    warnings.warn(f"TensorBoard logging off for this run ({what}: {type(err).__name__}: {err}); the run goes on "
+                  "and its metrics CSV and report are written as usual", RuntimeWarning, stacklevel=4)
+
+
 def _tensorboard_writer(log_dir: str | Path | None):
-    """A SummaryWriter, or None without a log_dir or when tensorboard is not installed."""
+    """A SummaryWriter, or None without a log_dir, without tensorboard or when it fails to start (said once)."""
     if log_dir is None:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+
+        return SummaryWriter(log_dir=str(log_dir))
+    except ImportError:  # tensorboard is optional: not installed is no failure
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    except Exception as err:  # noqa: BLE001 - a broken install raises anything (protobuf, numpy, OSError)
+        _warn_tensorboard("cannot start a writer", err)
+        return None
 
 
 class _RunLog:
@@ -539,15 +549,28 @@ class _RunLog:
             tqdm.write(epoch_line(record, self.epochs, left), file=sys.stderr)
         if self.metrics_csv is not None:
             write_metrics_csv(self.metrics_csv, history)
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    self.writer.add_scalar(key, value, record["epoch"])
-            self.writer.flush()
+        self._tensorboard(lambda writer: self._scalars(writer, record), "cannot write an epoch")
+
+    @staticmethod
+    def _scalars(writer, record: dict) -> None:
+        for key, value in record.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, record["epoch"])
+        writer.flush()
+
+    def _tensorboard(self, action, what: str) -> None:
+        """``action(writer)``; a failure warns and turns the writer off for the rest of the run (so once)."""
+        if self.writer is None:
+            return
+        try:
+            action(self.writer)
+        except Exception as err:  # noqa: BLE001 - any failure of an optional logger
+            self.writer = None
+            _warn_tensorboard(what, err)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._tensorboard(lambda writer: writer.close(), "cannot close the writer")
+        self.writer = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +620,8 @@ def fit(
     Unless ``quiet``, each epoch leaves one line on stderr (``epoch_line``), with a per-step bar on a
     terminal or in a notebook; ``progress`` is the older spelling of ``not quiet`` and wins when given.
     ``metrics_csv``: every epoch's record as a CSV row (``write_metrics_csv``); ``tensorboard_dir``:
-    the records as TensorBoard scalars when tensorboard is installed (skipped silently otherwise).
+    the records as TensorBoard scalars when tensorboard is installed (skipped silently otherwise; any
+    failure of TensorBoard warns once per run and never stops it).
 
     Returns {"history": [record per epoch], "best_epoch", "best_val_f1_macro", "seconds_per_epoch",
     "resumed_from_epoch"}; a record holds epoch, train_loss, train_accuracy, val_loss, val_accuracy,
@@ -610,7 +634,7 @@ def fit(
     loaders = (train_loader, val_loader)
     state = RunState()
     if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, loaders)
+        state = load_checkpoint(checkpoint_path, cfg, model, optimizer, scheduler, loaders, device)
     resumed_from = state.epoch
     train_model = torch.compile(model) if cfg.compile else model
     log = _RunLog(cfg.epochs, quiet, metrics_csv, tensorboard_dir)

@@ -5,6 +5,8 @@ import torch
 
 import checkpoints
 import config
+from augmentations import BatchAugment
+from data_loading import DeviceLoader
 from tests.test_training import Crash, crash_after_epoch, loaders, tiny_cfg, tiny_net, without_timing
 from training import build_optimizer, fit
 
@@ -69,9 +71,86 @@ def test_checkpoint_saves_and_restores_the_mps_generator(monkeypatch, tmp_path):
     state = checkpoints.RunState(epoch=1, best_state=checkpoints.cpu_state(net), best_epoch=1, best_f1=0.5)
     path = checkpoints.save_checkpoint(tmp_path / "run.ckpt", cfg, net, optimizer, None, state, ([], []),
                                        torch.device("mps"))
-    loaded = checkpoints.load_checkpoint(path, cfg, tiny_net(seed=1), build_optimizer(net, cfg), None, ([], []))
+    loaded = checkpoints.load_checkpoint(path, cfg, tiny_net(seed=1), build_optimizer(net, cfg), None, ([], []),
+                                         device="mps")
     assert (loaded.epoch, loaded.best_epoch, loaded.best_f1) == (1, 1, 0.5)
     assert len(restored) == 1 and torch.equal(restored[0], saved_state)
+
+
+# --- moving between devices ---------------------------------------------------------------------
+
+
+def device_loaders():
+    """DeviceLoaders with their own generators (batch order, augmentation draws), as runs build them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.arange(48) % 10
+    train = DeviceLoader(x, y, 16, config.SVHN_MEAN, config.SVHN_STD, augment=BatchAugment("stage1_basic", 0.5),
+                         seed=3)
+    return train, DeviceLoader(x[:16], y[:16], 16, config.SVHN_MEAN, config.SVHN_STD, shuffle=False)
+
+
+def rewrite_as_written_on_cuda(path, record_device=True):
+    """The checkpoint as a CUDA machine would have written it: generator states of CUDA's kind (seed and
+    offset, 16 bytes, where a CPU generator's state is 5,056) and CUDA's global generator."""
+    ckpt = torch.load(path, weights_only=True)
+    philox = torch.arange(16, dtype=torch.uint8)
+    ckpt["loader_states"] = {name: {key: philox.clone() for key in state}
+                             for name, state in ckpt["loader_states"].items()}
+    ckpt["rng"]["cuda"] = [philox.clone()]
+    if record_device:
+        ckpt["device"] = "cuda"
+    else:  # a checkpoint of format 1, which did not record its device
+        del ckpt["device"]
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_a_cuda_generator_state_cannot_be_restored_on_the_cpu():
+    # What the device change below models: without re-seeding, resuming fails.
+    train, _ = device_loaders()
+    with pytest.raises(RuntimeError):
+        train.load_state_dict({"generator": torch.arange(16, dtype=torch.uint8),
+                               "aug_generator": torch.arange(16, dtype=torch.uint8)})
+
+
+@pytest.mark.parametrize("record_device", [True, False], ids=["format2", "format1"])
+def test_a_checkpoint_from_another_device_resumes_reseeded_deterministically(tmp_path, record_device):
+    cfg = tiny_cfg(epochs=3)
+    path = tmp_path / "run.pt"
+    with pytest.raises(Crash):
+        fit(tiny_net(seed=0), *device_loaders(), cfg, "cpu", checkpoint_path=path, quiet=True,
+            on_epoch_end=crash_after_epoch(1))
+    assert torch.load(path, weights_only=True)["device"] == "cpu"
+    saved = rewrite_as_written_on_cuda(path, record_device)
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(path.read_bytes())
+    results, states = [], []
+    for checkpoint in (path, copy):  # two resumptions on the CPU, each in a fresh "process"
+        net = tiny_net(seed=9)
+        torch.manual_seed(123)  # the global RNG a fresh process happens to have
+        with pytest.warns(RuntimeWarning, match="resumes on cpu") as caught:
+            results.append(fit(net, *device_loaders(), cfg, "cpu", checkpoint_path=checkpoint, quiet=True))
+        assert any(("written on cuda" if record_device else "written on another device") in str(w.message)
+                   and "re-seeded" in str(w.message) for w in caught)
+        states.append(net.state_dict())
+        assert torch.load(checkpoint, weights_only=True)["device"] == "cpu"  # saved again where it ran
+    first, second = results
+    assert first["resumed_from_epoch"] == 1 and [r["epoch"] for r in first["history"]] == [1, 2, 3]
+    assert without_timing(first["history"][:1]) == without_timing(saved["history"])  # epoch 1 restored
+    assert without_timing(first["history"]) == without_timing(second["history"])  # re-seeded alike
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+def test_a_checkpoint_of_the_same_device_restores_the_generators_exactly(tmp_path):
+    path = tmp_path / "run.pt"
+    train, val = device_loaders()
+    fit(tiny_net(), train, val, tiny_cfg(epochs=1), "cpu", checkpoint_path=path, quiet=True)
+    resumed_train, resumed_val = device_loaders()
+    checkpoints.load_checkpoint(path, tiny_cfg(epochs=1), tiny_net(), build_optimizer(tiny_net(), tiny_cfg()),
+                                None, (resumed_train, resumed_val))
+    assert all(torch.equal(a, b) for a, b in zip(train.state_dict().values(), resumed_train.state_dict().values(),
+                                                 strict=True))
 
 
 # --- damaged checkpoints --------------------------------------------------------------------------

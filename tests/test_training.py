@@ -756,3 +756,36 @@ def test_tensorboard_is_skipped_silently_when_missing(monkeypatch, tmp_path, rec
     result = fit(tiny_net(), *loaders(), tiny_cfg(epochs=1), "cpu", quiet=True, tensorboard_dir=tmp_path / "tb")
     assert len(result["history"]) == 1 and len(recwarn) == 0
     assert not (tmp_path / "tb").exists()
+
+
+class BrokenSummaryWriter(FakeSummaryWriter):
+    """A writer that fails at one point: on start, at the second scalar, or when closed."""
+
+    fail_at = "start"
+
+    def __init__(self, log_dir):
+        if self.fail_at == "start":
+            raise TypeError("Descriptors cannot be created directly (protobuf)")
+        super().__init__(log_dir)
+
+    def add_scalar(self, *args):
+        if self.fail_at == "scalar" and self.scalars:
+            raise OSError(28, "No space left on device")
+        super().add_scalar(*args)
+
+    def close(self):
+        if self.fail_at == "close":
+            raise RuntimeError("event file vanished")
+        super().close()
+
+
+@pytest.mark.parametrize("fail_at", ["start", "scalar", "close"])
+def test_a_failing_tensorboard_warns_once_and_the_run_finishes(monkeypatch, tmp_path, fail_at):
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = type("Writer", (BrokenSummaryWriter,), {"fail_at": fail_at})
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    with pytest.warns(RuntimeWarning, match="TensorBoard logging off for this run") as caught:
+        result = fit(tiny_net(), *loaders(), tiny_cfg(epochs=3), "cpu", quiet=True,
+                     metrics_csv=tmp_path / "m.csv", tensorboard_dir=tmp_path / "tb")
+    assert len(result["history"]) == 3 and (tmp_path / "m.csv").read_text().count("\n") == 4
+    assert sum("TensorBoard" in str(w.message) for w in caught) == 1
