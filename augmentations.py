@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import types
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -581,6 +582,10 @@ def fresh_generator(device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+# One code object of BatchAugment._augment_masked per stage (see BatchAugment._compiled_apply).
+_STAGE_APPLY_CODE: dict[tuple, types.CodeType] = {}
+
+
 class BatchAugment:
     """Augment a whole batch with per-sample random parameters; returns float32 (B, 3, H, W) in [0, 1]
     units, not normalized (the loader normalizes every batch with ``normalize_batch``, same ``mean``,
@@ -612,7 +617,7 @@ class BatchAugment:
         self._fold_flip = HFlip in types and types.index(HFlip) + 1 < len(types) and (
             types[types.index(HFlip) + 1] in (Rotate, Affine)
         )
-        self._augment_all = torch.compile(self._augment_masked, dynamic=False) if compile else self._augment_masked
+        self._augment_all = self._compiled_apply() if compile else self._augment_masked
 
     def __repr__(self) -> str:
         return f"BatchAugment(stage={self.stage!r}, p_aug={self.p_aug})"
@@ -645,6 +650,20 @@ class BatchAugment:
         """sample_params + apply; ``generator`` None draws a fresh one from torch's default RNG."""
         params = self.sample_params(images.shape[0], generator, images.device, tuple(images.shape[-2:]))
         return self.apply(images, params)
+
+    def _compiled_apply(self):
+        """``_augment_masked`` under torch.compile, one graph per stage and batch shape in this process.
+
+        torch.compile keeps its graphs on the function's code object and recompiles up to a limit (8 by
+        default) before running the rest uncompiled, silently: with one code object for every stage, a
+        worker going through a study's stages would hit the limit and lose compilation. So each stage
+        (ops, mean, std) gets a copy of the code object of its own; instances of one stage share it,
+        whatever their p_aug (the apply never reads it)."""
+        key = (repr(self.ops), self.mean, self.std)
+        code = _STAGE_APPLY_CODE.setdefault(key, BatchAugment._augment_masked.__code__.replace(
+            co_name=f"_augment_masked_{len(_STAGE_APPLY_CODE)}"))
+        apply = types.FunctionType(code, BatchAugment._augment_masked.__globals__, code.co_name)
+        return torch.compile(apply.__get__(self), dynamic=False)
 
     def _augment_masked(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Augment every sample, then pick with the mask: no host-device sync (the accelerator path)."""

@@ -154,8 +154,10 @@ def make_loaders(cfg: TrainConfig, data: RunData, device: str) -> tuple[tuple, s
         return _per_sample_loaders(cfg, data), ("none" if cfg.stage == "none" else "per-sample")
     augment = None if cfg.stage == "none" else BatchAugment(cfg.stage, cfg.p_aug, data.mean, data.std,
                                                                 compile=cfg.compile)
+    # Under compile the trailing partial batch is dropped before it is augmented (training skips it
+    # anyway): one batch shape, one compiled graph per stage.
     train = DeviceLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std,
-                         device=device, shuffle=True, augment=augment, seed=cfg.seed)
+                         device=device, shuffle=True, augment=augment, seed=cfg.seed, drop_last=cfg.compile)
     val = evaluation_loader(data.val_x, data.val_y, data, cfg.eval_batch_size, device)
     test = evaluation_loader(data.test_x, data.test_y, data, cfg.eval_batch_size, device)
     if augment is None:

@@ -206,6 +206,41 @@ def test_compiled_fast_path_compiles_once_despite_a_partial_last_batch(monkeypat
     assert counter.frame_count == compiled_before_batch[1]  # and never again
 
 
+def test_compiled_augmentation_compiles_once_per_stage_over_a_grid(monkeypatch, one_thread):
+    # A worker's grid of 3 stages x 2 p_augs, two epochs each, 100 training images in batches of 32 (a
+    # partial batch of 4 every epoch): one graph per stage, no recompilation. The recompile limit is
+    # lowered to 2 (below the stages, as a study's 11 are above torch's 8) and made an error: stages
+    # sharing one cache would fail. A backend that counts compiled graphs (and runs them eagerly) stands
+    # in for inductor.
+    from torch._dynamo.testing import CompileCounter
+
+    from data_loading import RunData
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counter, **kwargs))
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    images, labels = synthetic_images(120)
+    data = RunData(images[:100], labels[:100], images[100:], labels[100:], images[100:], labels[100:],
+                   config.SVHN_MEAN, config.SVHN_STD)
+    stages = ("stage1_basic", "stage3_color", "stage5_occlusion")
+    graphs_after_stage, shapes = [], set()
+    torch._dynamo.reset()
+    try:
+        for stage in stages:
+            for p_aug in (0.5, 1.0):
+                cfg = config.TrainConfig(stage=stage, p_aug=p_aug, batch_size=32, compile=True)
+                (train, _, _), _ = runs.make_loaders(cfg, data, "cpu")
+                for _epoch in range(2):
+                    shapes |= {tuple(x.shape) for x, _ in train}
+            graphs_after_stage.append(counter.frame_count)
+    finally:
+        torch._dynamo.reset()
+    assert shapes == {(32, 3, 32, 32)}  # the partial batch is dropped before it is augmented
+    assert graphs_after_stage == [1, 2, 3]  # one compilation per stage, none for the second p_aug
+
+
 @needs_cuda
 def test_cuda_augmentation_runs_outside_autocast():
     images, labels = synthetic_images(64)
