@@ -13,7 +13,9 @@ RandAugment, TrivialAugmentWide), in one run and on the same images:
     (a TorchDispatchMode; about the kernel launches a GPU would see, views included and excluded) and
     host syncs (``augment_ops.count_host_syncs``; the goal is 0).
 Images per second are printed as a table with the batched/per-sample ratio and written to
-benchmarks/results/augment_<device-tag>.json (with a -threads<N> suffix when --threads is given).
+benchmarks/results/augment_<device-tag>.json (with a -threads<N> suffix when --threads is given), rewritten
+(atomically) after every stage, so a run stopped half-way keeps the stages it measured; a stage that fails
+(a CUDA error) is recorded with its error text and the next one runs.
 
     python benchmarks/bench_augment.py [--batch-size 1024] [--n 4096] [--n-per-sample 1024]
                                        [--device cpu|cuda|all] [--threads N]
@@ -145,31 +147,33 @@ def device_tag(devices: list[str]) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run(batch_size: int, n: int, n_per_sample: int, devices: list[str]) -> dict:
-    """Measure every base stage and learned policy; returns the JSON-ready report."""
+def measure_row(stage: str, pil_images: list, images: torch.Tensor, on_device: dict, batch_size: int,
+                devices: list[str]) -> dict:
+    """Every figure of one stage (see the module's docstring)."""
+    passes = measure_stage(stage, pil_images, on_device, batch_size)
+    row = {key: max(rates) for key, rates in passes.items()}
+    best_per_sample = max(row["per_sample"], row["per_sample_1thread"])
+    for device in devices:
+        best = max(row[f"batched_{device}"], row.get(f"batched_{device}_1thread", 0.0))
+        row[f"ratio_{device}"] = best / best_per_sample
+    row.update(accelerator_path_costs(stage, images, batch_size))
+    row["passes"] = passes
+    return row
+
+
+def run(batch_size: int, n: int, n_per_sample: int, devices: list[str], path: Path | None = None) -> dict:
+    """Measure every base stage and learned policy; returns the JSON-ready report, also written to ``path``
+    after every stage."""
     load_before = os.getloadavg()
     images = make_images(n)
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images[:n_per_sample]]
     on_device = {device: images.to(device) for device in devices}
     stages = {}
-    for stage in config.STAGES + config.POLICY_STAGES:
-        passes = measure_stage(stage, pil_images, on_device, batch_size)
-        row = {key: max(rates) for key, rates in passes.items()}
-        best_per_sample = max(row["per_sample"], row["per_sample_1thread"])
-        for device in devices:
-            best = max(row[f"batched_{device}"], row.get(f"batched_{device}_1thread", 0.0))
-            row[f"ratio_{device}"] = best / best_per_sample
-        row.update(accelerator_path_costs(stage, images, batch_size))
-        row["passes"] = passes
-        stages[stage] = row
-        print_row(stage, row, devices)
-    return {
+    report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cpu": device_label("cpu"),
         "cpu_threads": torch.get_num_threads(),
-        # The machine may be shared: 1-minute load averages around the run qualify the numbers.
-        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "devices": {device: device_label(device) for device in devices},
         "batch_size": batch_size,
         "n_images": n,
@@ -178,6 +182,17 @@ def run(batch_size: int, n: int, n_per_sample: int, devices: list[str]) -> dict:
         "unit": "images per second",
         "stages": stages,
     }
+    for stage in config.STAGES + config.POLICY_STAGES:
+        try:
+            stages[stage] = measure_row(stage, pil_images, images, on_device, batch_size, devices)
+        except Exception as err:  # noqa: BLE001 - a CUDA or compiler error is a result too
+            stages[stage] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+        print_row(stage, stages[stage], devices)
+        # The machine may be shared: 1-minute load averages around the run qualify the numbers.
+        report["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
+        if path is not None:
+            atomic_write_json(path, report)
+    return report
 
 
 def print_header(devices: list[str]) -> None:
@@ -187,6 +202,9 @@ def print_header(devices: list[str]) -> None:
 
 
 def print_row(stage: str, row: dict, devices: list[str]) -> None:
+    if "error" in row:
+        print(f"{stage:<20} failed: {row['error'].splitlines()[0]}", flush=True)
+        return
     cols = "".join(f" {row[f'batched_{d}']:>14,.0f}" + (f" {row['batched_cpu_1thread']:>9,.0f}" if d == "cpu" else "")
                    + f" {row[f'ratio_{d}']:>6.1f}x" for d in devices)
     print(f"{stage:<20} {row['per_sample']:>11,.0f} {row['per_sample_1thread']:>9,.0f}{cols} "
@@ -214,9 +232,9 @@ def main(argv: list[str] | None = None) -> None:
           "ratio = faster batched / faster per-sample; aten ops and host syncs per batch of the accelerator path "
           "(on the CPU)")
     print_header(devices)
-    report = run(args.batch_size, args.n, min(args.n_per_sample, args.n), devices)
     tag = device_tag(devices) + (f"-threads{args.threads}" if args.threads is not None else "")
-    path = atomic_write_json(RESULTS_DIR / f"augment_{tag}.json", report)
+    path = RESULTS_DIR / f"augment_{tag}.json"
+    run(args.batch_size, args.n, min(args.n_per_sample, args.n), devices, path)
     print(f"wrote {path.relative_to(ROOT)}")
 
 

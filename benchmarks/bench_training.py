@@ -9,14 +9,20 @@ images, batch size and augmentation (``stage5_occlusion`` at p_aug = 1), in one 
 - fast: ``DeviceLoader`` (uint8 images resident on the device; it normalizes every batch) +
   ``BatchAugment`` + ``training.train_epoch`` (bf16 autocast on CUDA, channels_last, the fused optimizer of
   ``training.build_optimizer``, no host read inside the step);
-- fast + torch.compile (with ``--compile``, CUDA only): its warm-up epoch holds the compilation.
+- fast + torch.compile (with ``--compile``, CUDA only; the model and the augmentation's apply, as
+  ``TrainConfig(compile=True)`` does): its warm-up epoch holds the compilation. Then only the fast path and
+  its compiled form are measured (the original pipeline and the syncs are the run without --compile's), and
+  torch's recompile limit is an error, not a silent fallback to eager code.
 
 Every pipeline trains one untimed warm-up epoch, then ``repeats`` timed epochs, the pipelines
 interleaved in alternating order (the machine may be shared: load changes hit all alike); the
 device is synchronized before each clock read; images/s is the median over the timed epochs, the
 ratio is fast / original. ``--layout`` (on by default on the CPU) times float32 training steps with
 NCHW against channels_last, interleaved: the evidence for ``training.CPU_CHANNELS_LAST``.
-Results: benchmarks/results/training_<device-tag>.json (``cpu`` when no GPU was measured).
+Results: benchmarks/results/training_<device-tag>.json (``cpu`` when no GPU was measured;
+training_<device-tag>-compile.json with --compile), rewritten (atomically) after every row, so a run
+stopped half-way keeps its rows; a row that fails (a compiler or CUDA error) holds its error text and the
+next row runs.
 
 On the CPU each row also counts, per training step of the fast path (SimpleCNN or ResNet18Cifar, without
 augmentation and with stage 5 on each of ``BatchAugment``'s two paths: the CPU path, and the accelerator
@@ -195,10 +201,10 @@ def original_pipeline(name: str, images, labels, size: Size, device: str) -> tup
 
 
 def fast_loader(images, labels, batch_size: int, device: str, stage: str = STAGE, p_aug: float = P_AUG,
-                accelerator_path: bool | None = None) -> DeviceLoader:
+                accelerator_path: bool | None = None, compile_augment: bool = False) -> DeviceLoader:
     """The fast path's loader; ``accelerator_path`` as ``BatchAugment``'s (None: chosen by the device)."""
     augment = None if stage == "none" else BatchAugment(stage, p_aug, config.SVHN_MEAN, config.SVHN_STD,
-                                                        accelerator_path=accelerator_path)
+                                                        accelerator_path=accelerator_path, compile=compile_augment)
     return DeviceLoader(images, labels, batch_size, config.SVHN_MEAN, config.SVHN_STD, device=device,
                         shuffle=True, augment=augment, seed=0)
 
@@ -207,7 +213,7 @@ def fast_pipeline(name: str, images, labels, size: Size, device: str, *, compile
                   stage: str = STAGE, batches: int | None = None) -> tuple[int, object]:
     """(images per epoch, run_epoch) of the fast path: DeviceLoader + BatchAugment + training.train_epoch."""
     n = size.batch_size * (batches or size.fast_batches)  # whole batches: one shape, one compilation
-    loader = fast_loader(images[:n], labels[:n], size.batch_size, device, stage)
+    loader = fast_loader(images[:n], labels[:n], size.batch_size, device, stage, compile_augment=compile_model)
     model, optimizer = fast_model(name, device, size.batch_size)
     train_model = torch.compile(model) if compile_model else model
     return n, lambda: training.train_epoch(train_model, loader, optimizer, device)
@@ -227,18 +233,21 @@ def measure_model(name: str, device: str, quick: bool, compile_model: bool) -> d
     size = size_for(device, name, quick)
     n = size.batch_size * max(size.original_batches, size.fast_batches)
     images, labels = make_images(n)
-    pipelines = {"original": original_pipeline(name, images, labels, size, device),
-                 "fast": fast_pipeline(name, images, labels, size, device)}
+    pipelines = {"fast": fast_pipeline(name, images, labels, size, device)}
+    if not compile_model:
+        pipelines["original"] = original_pipeline(name, images, labels, size, device)
     row = {"model": name, "device": device, "batch_size": size.batch_size, "stage": STAGE, "p_aug": P_AUG,
            **interleaved(pipelines, size.repeats, device)}
-    row["ratio"] = row["fast"]["images_per_s"] / row["original"]["images_per_s"]
     if compile_model:
-        try:  # measured, not assumed: a compiler failure is a result too
-            compiled = fast_pipeline(name, images, labels, size, device, compile_model=True)
-            row.update(interleaved({"fast_compiled": compiled}, size.repeats, device))
+        try:  # measured, not assumed: a compiler failure (the recompile limit included) is a result too
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                compiled = fast_pipeline(name, images, labels, size, device, compile_model=True)
+                row.update(interleaved({"fast_compiled": compiled}, size.repeats, device))
             row["compile_ratio"] = row["fast_compiled"]["images_per_s"] / row["fast"]["images_per_s"]
         except Exception as err:  # noqa: BLE001 - inductor raises many types
             row["fast_compiled"] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+        return row
+    row["ratio"] = row["fast"]["images_per_s"] / row["original"]["images_per_s"]
     if device == "cuda":
         row["host_syncs_per_step"] = {stage: syncs_per_step(name, images, labels, size, device, stage)
                                       for stage in ("none", STAGE)}
@@ -386,12 +395,26 @@ LAYOUT_SIZES = {True: {"simplecnn": (384, 2, 6), "resnet18": (64, 1, 4)},
 # ----------------------------------------------------------------------------- report
 
 
+def rate(result: dict | None, width: int = 12) -> str:
+    """An images/s figure of a row, or what stands in its place."""
+    if result is None:
+        return f"{'-':>{width}}"
+    if "error" in result:
+        return f"{'failed':>{width}}"
+    return f"{result['images_per_s']:>{width},.0f}"
+
+
 def print_row(row: dict) -> None:
+    if "error" in row:
+        print(f"{row['model']:<10} {row['device']:<5} failed: {row['error'].splitlines()[0]}", flush=True)
+        return
+    ratio = f"{row['ratio']:>7.1f}x" if "ratio" in row else f"{'-':>8}"
     line = (f"{row['model']:<10} {row['device']:<5} {row['batch_size']:>5} "
-            f"{row['original']['images_per_s']:>12,.0f} {row['fast']['images_per_s']:>12,.0f} "
-            f"{row['ratio']:>7.1f}x")
+            f"{rate(row.get('original'))} {rate(row['fast'])} {ratio}")
     if "fast_compiled" in row:
-        line += f" {row['fast_compiled']['images_per_s']:>12,.0f} (compile {row['compile_ratio']:.2f}x)"
+        line += f" {rate(row['fast_compiled'])}"
+        line += f" (compile {row['compile_ratio']:.2f}x)" if "compile_ratio" in row else (
+            f" ({row['fast_compiled']['error'].splitlines()[0][:200]})")
     print(line, flush=True)
     for counts in row.get("per_step_counts", {}).values():
         what = "no augmentation" if counts["path"] is None else f"{counts['stage']}, {counts['path']} path"
@@ -402,16 +425,23 @@ def print_row(row: dict) -> None:
               flush=True)
 
 
-def run(devices: list[str], models: list[str], quick: bool, compile_model: bool, layout: bool) -> dict:
-    report = {**environment(devices), "quick": quick, "stage": STAGE, "p_aug": P_AUG,
+def run(devices: list[str], models: list[str], quick: bool, compile_model: bool, layout: bool,
+        paths: tuple[Path, ...] = ()) -> dict:
+    """Every row; the report so far is written to ``paths`` after each row."""
+    report = {**environment(devices), "quick": quick, "stage": STAGE, "p_aug": P_AUG, "compile": compile_model,
               "unit": "images per second", "original_workers": ORIGINAL_WORKERS, "rows": []}
     print(f"{'model':<10} {'dev':<5} {'batch':>5} {'original':>12} {'fast':>12} {'ratio':>8}"
           + (f" {'compiled':>12}" if compile_model else ""))
     for device in devices:
         for name in models:
-            row = measure_model(name, device, quick, compile_model and device == "cuda")
+            try:
+                row = measure_model(name, device, quick, compile_model and device == "cuda")
+            except Exception as err:  # noqa: BLE001 - a CUDA error is a result too; the next row runs
+                row = {"model": name, "device": device, "error": f"{type(err).__name__}: {err}"[:2000]}
             report["rows"].append(row)
             print_row(row)
+            for path in paths:
+                atomic_write_json(path, report)
     if layout:
         report["layout"] = []
         for name in models:
@@ -422,6 +452,8 @@ def run(devices: list[str], models: list[str], quick: bool, compile_model: bool,
                   f"{result['channels_last_images_per_s']:,.0f} images/s ({result['ratio']:.2f}x)",
                   flush=True)
     report["load_average_1min_after"] = os.getloadavg()[0]
+    for path in paths:
+        atomic_write_json(path, report)
     return report
 
 
@@ -453,21 +485,26 @@ def main(argv: list[str] | None = None) -> dict:
     layout = "cpu" in devices if args.layout is None else args.layout
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {STAGE} at p_aug {P_AUG}; "
           "images/s (median of timed epochs after a warm-up epoch); ratio = fast / original")
-    report = run(devices, args.models, args.quick, args.compile, layout)
-    path = atomic_write_json(RESULTS_DIR / f"training_{device_tag(devices)}.json", report)
-    if args.out:
-        atomic_write_json(args.out, report)
+    path = RESULTS_DIR / f"training_{device_tag(devices)}{'-compile' if args.compile else ''}.json"
+    report = run(devices, args.models, args.quick, args.compile, layout, (path, *filter(None, [args.out])))
     print(f"wrote {path.relative_to(ROOT)}")
     return report
 
 
 def run_memory_check(out: Path | None) -> dict:
-    report = {**environment(["cuda"]), **memory_check("cuda", SVHN_TRAIN_EXTRA, 1024, 60)}
+    path = RESULTS_DIR / f"memory_{device_tag(['cuda'])}.json"
+    try:
+        report = {**environment(["cuda"]), **memory_check("cuda", SVHN_TRAIN_EXTRA, 1024, 60)}
+    except Exception as err:  # noqa: BLE001 - out of memory or a CUDA error is a result too
+        report = {**environment(["cuda"]), "error": f"{type(err).__name__}: {err}"[:2000]}
+        for target in (path, *filter(None, [out])):
+            atomic_write_json(target, report)
+        raise
     print(f"{report['n_images']:,} uint8 images on the device ({report['dataset_gb']:.2f} GB), "
           f"ResNet18Cifar at batch {report['batch_size']}: max_memory_allocated "
           f"{report['max_memory_allocated_gb']:.2f} GB of {report['device_total_gb']:.0f} GB, "
           f"{report['images_per_s']:,.0f} images/s")
-    path = atomic_write_json(RESULTS_DIR / f"memory_{device_tag(['cuda'])}.json", report)
+    atomic_write_json(path, report)
     if out:
         atomic_write_json(out, report)
     print(f"wrote {path.relative_to(ROOT)}")

@@ -1,4 +1,4 @@
-"""Every GPU measurement of the fast path in one run, on a bare GPU machine, in under 6 minutes.
+"""Every GPU measurement of the fast path in one run, on a bare GPU machine, in under 8 minutes.
 
     python3 benchmarks/gpu_check.py [--dry] [--steps NAME ...] [--limit NAME=SECONDS ...]
                                     [--out DIR] [--wheels DIR] [--budget SECONDS] [--list]
@@ -6,7 +6,11 @@
 It needs only the repository and a Python with torch and torchvision. The Python packages missing on
 a GPU machine (optuna and what it brings: benchmarks/wheels.txt) travel as wheels in the git-ignored
 folder .whl (``make gpu-wheels``); when the import preflight finds a module missing, the wheels are
-installed to a temporary folder put on PYTHONPATH, and the preflight runs again. Then the steps of
+installed to a temporary folder put on PYTHONPATH (all at once, else one by one: what can be installed
+is), and the preflight runs again. A step whose modules still cannot be imported is skipped, its summary
+entry saying which module and why; the other steps run. Every benchmark writes its JSON as each figure
+is measured, and a figure that fails (a compiler error, a CUDA error) is recorded in it with its error
+text, so a step stopped at its limit still returns what it measured. Then the steps of
 STEPS run one by one, each in its own process group under its own time limit: a step that fails or
 times out is recorded as such, its log kept, and the next step runs. After every step the run so far
 is packed into OUT/gpu_check.tar.gz (summary.json, each step's log, and under <step>/ the JSON files
@@ -18,8 +22,9 @@ one): CUDA hidden, tiny sizes, the steps that need CUDA (or that have no small s
 run in a scratch copy of the repository so that the committed results stay as they are. Its figures
 are plumbing only, not results.
 
-Exit status: 0 when every step that ran passed, 1 when one failed or timed out, 2 when the preflight
-failed (then no step runs). To keep the results: ``tar xzf gpu_check.tar.gz`` and copy the JSON files
+Exit status: 0 when every step that ran passed, 1 when one failed or timed out or was skipped for a
+module it cannot import, 2 when the preflight failed (torch, torchvision or numpy missing, or no CUDA
+device without --dry: then no step runs). To keep the results: ``tar xzf gpu_check.tar.gz`` and copy the JSON files
 of gpu_check/<step>/ into benchmarks/results/.
 """
 
@@ -61,38 +66,54 @@ class Step:
     command: tuple[str, ...]
     dry_limit_s: int = 0
     dry_command: tuple[str, ...] | None = None
+    needs: tuple[str, ...] = ()  # modules the step imports (project modules bring their packages)
 
 
-SELF, AUGMENT = "benchmarks/gpu_check.py", "benchmarks/bench_augment.py"
+SELF, AUGMENT, PACKING = "benchmarks/gpu_check.py", "benchmarks/bench_augment.py", "benchmarks/bench_packing.py"
 TRAINING, STUDY = "benchmarks/bench_training.py", "benchmarks/study_time.py"
 PYTEST_CUDA = ("-m", "pytest", "-q", "-k", "cuda and not compiled")
 CUDA_TEST_FILES = ("tests/test_fast_path.py", "tests/test_training.py", "tests/test_augmentations.py")
 
-# The steps, in order; the GPU limits sum to 330 s, so that with the preflight the whole stays under
-# 6 minutes (two runs fit in 15 minutes of device time). The least predictable (compilation) goes last.
-#   env               torch, CUDA and the GPU (nvidia-smi), package versions
-#   augment           per-sample torchvision vs BatchAugment on the GPU, every stage
+# The steps, in order. Each GPU limit is at least 1.5x the step's estimated H200 time (from the committed
+# CPU figures and assumed H200 rates; est. in seconds below), and the limits sum to 465 s, so that with the
+# preflight the whole check fits in 8 minutes even when every step runs to its limit. The least
+# predictable (compilation) goes last.
+#   env               torch, CUDA and the GPU (nvidia-smi), package versions                   est.  5
+#   augment           per-sample torchvision (256 images: enough for a ratio) vs BatchAugment  est. 18
 #   training          original pipeline vs fast path, SimpleCNN and ResNet18Cifar, stage 5: images/s,
 #                     host syncs per step (and launches per step where bench_training.py reports them)
+#                                                                                              est. 33
 #   memory            SVHN train + extra (604,388 uint8 images) resident, ResNet18Cifar at batch 1024
+#                                                                                              est. 23
 #   tests             the CUDA tests (the compiled one aside: training_compile measures torch.compile)
-#   study             full-study prediction for SVHN sizes, and a scaled-down study run against its prediction
-#   training_compile  training again, with the fast path under torch.compile too (compilation included)
+#                                                                                              est. 25
+#   packing           k = 1, 2, 4, 8 runs at once on the GPU (worker processes): aggregate images/s
+#                                                                                              est. 45
+#   study             full-study prediction for SVHN sizes (packed with packing's best k), and a
+#                     scaled-down study run against its prediction                             est. 55
+#   training_compile  the fast path under torch.compile (compilation included), beside the fast path
+#                                                                                              est. 85
 STEPS = (
     #    name       GPU limit, command                                 dry limit, dry command (CPU, tiny sizes)
-    Step("env", 10, (SELF, "--environment", "{json}"), 60, (SELF, "--environment", "{json}")),
-    Step("augment", 30, (AUGMENT, "--device", "cuda", "--n", "1024"),
-         120, (AUGMENT, "--device", "cpu", "--n", "64", "--batch-size", "32")),
+    Step("env", 20, (SELF, "--environment", "{json}"), 60, (SELF, "--environment", "{json}")),
+    Step("augment", 30, (AUGMENT, "--device", "cuda", "--n", "1024", "--n-per-sample", "256"),
+         120, (AUGMENT, "--device", "cpu", "--n", "64", "--batch-size", "32"), needs=("bench_augment",)),
     Step("training", 50, (TRAINING, "--device", "cuda"),
-         180, (TRAINING, "--quick", "--device", "cpu", "--models", "simplecnn", "--no-layout")),
-    Step("memory", 35, (TRAINING, "--memory")),
-    Step("tests", 30, (*PYTEST_CUDA, *CUDA_TEST_FILES), 120, (*PYTEST_CUDA, CUDA_TEST_FILES[0])),
-    Step("study", 70, (STUDY, "--device", "cuda", "--sizes", "svhn", "--validate",  # minutes on a CPU
-                       "--n-train", "5000", "--n-test", "1000", "--resnet-n-train", "5000")),
-    Step("training_compile", 105, (TRAINING, "--device", "cuda", "--compile")),  # --compile acts on CUDA only
+         180, (TRAINING, "--quick", "--device", "cpu", "--models", "simplecnn", "--no-layout"),
+         needs=("bench_training",)),
+    Step("memory", 35, (TRAINING, "--memory"), needs=("bench_training",)),
+    Step("tests", 45, (*PYTEST_CUDA, *CUDA_TEST_FILES), 120, (*PYTEST_CUDA, CUDA_TEST_FILES[0]),
+         needs=("pytest", "runs")),
+    Step("packing", 70, (PACKING, "--device", "cuda"), 180, (PACKING, "--device", "cpu", "--quick"),
+         needs=("bench_packing",)),
+    Step("study", 85, (STUDY, "--device", "cuda", "--sizes", "svhn", "--validate",  # minutes on a CPU
+                       "--n-train", "3000", "--n-test", "1000", "--resnet-n-train", "3000"),
+         needs=("study_time", "pipeline")),
+    Step("training_compile", 130, (TRAINING, "--device", "cuda", "--compile"),  # --compile acts on CUDA only
+         needs=("bench_training",)),
 )
 
-BUDGET_S = {False: 350, True: 600}  # the whole run, preflight included (key: --dry)
+BUDGET_S = {False: 480, True: 600}  # the whole run, preflight included (key: --dry)
 PACKING_RESERVE_S = 5  # kept back from the last step for the final summary and archive
 MIN_STEP_S = 5  # no step starts with less of the budget left
 KILL_GRACE_S = 3  # between SIGTERM and SIGKILL of a timed-out step's process group
@@ -107,9 +128,11 @@ FIGURE_PATH = re.compile(r"images_per_s|ratio|batched_|per_sample|syncs|launch|o
 SCRATCH_IGNORE = shutil.ignore_patterns(".git", ".venv", ".whl", ".gl", "data", "models", "reports", "results",
                                         "__pycache__", ".*_cache", "*.ipynb")
 PREFLIGHT_MARK = "PREFLIGHT "
+CORE_PACKAGES = ("torch", "torchvision", "numpy")  # every step needs them: without one, no step runs
 # Run as ``python -c PREFLIGHT_CODE MODULE...``: imports each module, prints one JSON line.
 PREFLIGHT_CODE = f"""
 import importlib, json, sys, traceback
+sys.path[:0] = [".", "benchmarks"]
 errors = {{}}
 for name in sys.argv[1:]:
     try:
@@ -178,7 +201,7 @@ def log_tail(log_path: Path, lines: int = 20) -> list[str]:
 def import_report(env: dict, cwd: Path, log_path: Path) -> dict:
     """Import every package and project module in a fresh interpreter: {"imports": {name: error or None},
     "torch", "cuda", "device"}; {"error": ...} when the interpreter gave no report."""
-    modules = [*PACKAGES, *sorted(path.stem for path in ROOT.glob("*.py"))]
+    modules = [*PACKAGES, *sorted(path.stem for path in (*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")))]
     offset = log_path.stat().st_size if log_path.exists() else 0  # the log holds every preflight pass
     code = run_logged([sys.executable, "-c", PREFLIGHT_CODE, *modules], cwd, env, PREFLIGHT_LIMIT_S, log_path)
     with open(log_path, "rb") as log:
@@ -197,14 +220,19 @@ def duplicate_wheels(wheels: list[Path]) -> list[str]:
     return sorted({name for name in names if names.count(name) > 1})
 
 
-def install_wheels(wheels: list[Path], site: Path, env: dict, log_path: Path) -> str | None:
-    """pip-install the carried wheels into ``site`` (no index, no dependencies); an error message or None."""
+def install_wheels(wheels: list[Path], site: Path, env: dict, log_path: Path) -> tuple[list[str], str | None]:
+    """pip-install the carried wheels into ``site`` (no index, no dependencies): all at once, else one by
+    one, so that what can be installed is. (the wheels installed, an error message or None)."""
     if duplicates := duplicate_wheels(wheels):
-        return f"several versions of {', '.join(duplicates)} among the wheels: refill the folder with make gpu-wheels"
+        return [], (f"several versions of {', '.join(duplicates)} among the wheels: refill the folder with "
+                    "make gpu-wheels")
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-               "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)]
-    code = run_logged(command, ROOT, env, INSTALL_LIMIT_S, log_path)
-    return None if code == 0 else f"pip could not install the wheels (exit {code}); see preflight.log"
+               "--no-cache-dir", "--upgrade", "--target", str(site)]
+    if run_logged([*command, *map(str, wheels)], ROOT, env, INSTALL_LIMIT_S, log_path) == 0:
+        return [wheel.name for wheel in wheels], None
+    installed = [wheel.name for wheel in wheels
+                 if run_logged([*command, str(wheel)], ROOT, env, INSTALL_LIMIT_S, log_path) == 0]
+    return installed, f"pip installed {len(installed)} of {len(wheels)} wheel(s); see preflight.log"
 
 
 def with_site(env: dict, site: Path) -> dict:
@@ -213,11 +241,26 @@ def with_site(env: dict, site: Path) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+def missing_modules_note(failing: dict, wheels_dir: Path, installed: list[str]) -> str:
+    """What cannot be imported, and what to do about it."""
+    lines = [f"cannot import {len(failing)} module(s) with {sys.executable}:"]
+    lines += [f"  {name}: {error}" for name, error in failing.items()]
+    if installed:
+        lines.append(f"even after installing {len(installed)} wheel(s) from {wheels_dir}.")
+    else:
+        lines.append(f"No wheels installed from {wheels_dir}.")
+    lines.append("A package missing on this machine travels as a wheel: list it (and what it needs) in "
+                 "benchmarks/wheels.txt, run `make gpu-wheels` where pip reaches PyPI, and name .whl in "
+                 "the run's carry list. A project module's traceback is in preflight.log.")
+    return "\n".join(lines)
+
+
 def preflight_problem(report: dict, dry: bool, wheels_dir: Path, installed: list[str]) -> str | None:
-    """What stops the run, in words that say what to do; None when nothing does."""
+    """What stops the whole run, in words that say what to do; None when nothing does. A module that only
+    some steps need does not stop it: those steps are skipped (``missing_needs``)."""
     if "error" in report:
         return report["error"]
-    failing = {name: error for name, error in report["imports"].items() if error}
+    failing = {name: error for name, error in report["imports"].items() if error and name in CORE_PACKAGES}
     if failing:
         lines = [f"cannot import {len(failing)} module(s) with {sys.executable}:"]
         lines += [f"  {name}: {error}" for name, error in failing.items()]
@@ -244,16 +287,23 @@ def preflight(env: dict, cwd: Path, dry: bool, wheels_dir: Path, site: Path, log
     missing = "error" in report or any(report["imports"].values())
     wheels = sorted(wheels_dir.glob("*.whl"))
     if missing and wheels:
-        install_error = install_wheels(wheels, site, env, log_path)
-        if install_error is None:
-            installed = [wheel.name for wheel in wheels]
+        installed, install_error = install_wheels(wheels, site, env, log_path)
+        if installed:
             env = with_site(env, site)
             report = import_report(env, cwd, log_path)
-    problem = install_error or preflight_problem(report, dry, wheels_dir, installed)
-    entry = {"ok": problem is None, "problem": problem, "python": sys.executable,
-             "wheels_installed": installed, **{key: report.get(key) for key in ("torch", "cuda", "device")},
-             "failed_imports": {name: error for name, error in report.get("imports", {}).items() if error}}
+    problem = preflight_problem(report, dry, wheels_dir, installed)
+    failing = {name: error for name, error in report.get("imports", {}).items() if error}
+    entry = {"ok": problem is None, "problem": problem, "python": sys.executable, "wheels_installed": installed,
+             "install_error": install_error, **{key: report.get(key) for key in ("torch", "cuda", "device")},
+             "failed_imports": failing,
+             "note": missing_modules_note(failing, wheels_dir, installed) if failing else None}
     return entry, env
+
+
+def missing_needs(step: Step, failed_imports: dict) -> str | None:
+    """Why ``step`` cannot run here (a module it needs fails to import), None when it can."""
+    missing = [f"{name} ({failed_imports[name]})" for name in step.needs if failed_imports.get(name)]
+    return f"cannot import {', '.join(missing)}; see preflight.log" if missing else None
 
 
 # ----------------------------------------------------------------------------- results of a step
@@ -371,7 +421,10 @@ def run_steps(run: CheckRun, steps: list[Step], dry: bool, overrides: dict[str, 
     """Each step in turn under its limit (cut to the budget left); the summary and archive after each."""
     for index, step in enumerate(steps):
         time_left = run.seconds_left() - PACKING_RESERVE_S
-        if dry and step.dry_command is None:
+        missing = missing_needs(step, run.summary["preflight"]["failed_imports"])
+        if missing:
+            entry = {"name": step.name, "status": "skipped", "reason": missing}
+        elif dry and step.dry_command is None:
             entry = {"name": step.name, "status": "skipped", "reason": "no dry form: it needs CUDA or minutes"}
         elif time_left < MIN_STEP_S:
             entry = {"name": step.name, "status": "skipped", "reason": "no time left in the run's budget"}
@@ -511,11 +564,15 @@ def check(args: argparse.Namespace) -> int:
             return 2
         print(f"preflight: torch {entry['torch']}, device {entry['device'] or 'cpu'}, "
               f"{len(entry['wheels_installed'])} wheel(s) installed", flush=True)
+        if entry["note"]:
+            print(f"preflight: {entry['note']}\nThe steps that need those modules are skipped.", flush=True)
         run.save()
         run_steps(run, steps, args.dry, dict(args.limit))
     statuses = [entry["status"] for entry in run.summary["steps"]]
     print(f"== done in {run.summary['elapsed_s']} s: {run.out / ARCHIVE}, {run.out / SUMMARY}")
-    return 1 if {"failed", "timeout"} & set(statuses) else 0
+    missing = any(entry["status"] == "skipped" and "cannot import" in entry["reason"]
+                  for entry in run.summary["steps"])
+    return 1 if {"failed", "timeout"} & set(statuses) or missing else 0
 
 
 def main(argv: list[str] | None = None) -> int:
