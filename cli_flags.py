@@ -55,6 +55,15 @@ def at_least(minimum: float, kind: type = int, *, strict: bool = False):
     return parse
 
 
+def workers_count(text: str) -> int | str:
+    """An argparse type for --workers: "auto" (runs packed onto the GPU as its memory allows, 1 on a
+    CPU) or a count of at least 1."""
+    return "auto" if text == "auto" else at_least(1)(text)
+
+
+workers_count.__name__ = "workers"
+
+
 # ---------------------------------------------------------------- flags from TrainConfig
 
 

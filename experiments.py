@@ -28,6 +28,7 @@ from cli_flags import (
     add_run_flags,
     at_least,
     config_from_args,
+    workers_count,
 )
 from config import ConfigError
 from data_loading import DatasetError
@@ -144,7 +145,8 @@ def _add_run_and_grid(sub) -> None:
                    help=f"augmentation stages of the grid, from {', '.join(config.ALL_STAGES)}")
     p.add_argument("--p-augs", nargs="+", type=float, default=list(config.P_AUG_GRID), help="p_aug values")
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="training seeds of every cell")
-    p.add_argument("--workers", type=at_least(1), default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=workers_count, default=1, help="worker processes on this machine, sharing "
+                   "its device (auto: as many runs as fit on the GPU at once, at most 8; 1 on a CPU)")
 
 
 def _add_tune_and_distill(sub) -> None:
@@ -181,7 +183,8 @@ def _add_presets_and_study(sub) -> None:
     p = _subcommand(sub, "study", cmd_study, "the whole study, in order and resumably")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
     p.add_argument("--quick", action="store_true", help="small sizes: minutes on a CPU")
-    p.add_argument("--workers", type=at_least(1), default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=workers_count, default=1, help="worker processes on this machine, sharing "
+                   "its device (auto: as many runs as fit on the GPU at once, at most 8; 1 on a CPU)")
     p.add_argument("--storage", help="queue storage (default: reports/optuna.journal)")
     add_device_flags(p)
     _heartbeat_flag(p)

@@ -246,6 +246,33 @@ def check_device(device: str) -> str:
     return resolved
 
 
+# Split sizes (train split, test split) of the datasets: what a run without n_train / n_test holds.
+DATASET_SIZES = {"svhn": (73_257, 26_032), "synthetic": (config.SYNTHETIC_N_TRAIN, config.SYNTHETIC_N_TEST)}
+# A process's CUDA context with cuDNN's and cuBLAS's workspaces: about 0.6 GB on recent GPUs (an
+# estimate; benchmarks/bench_packing.py measures each run's peak allocation beside it).
+CUDA_CONTEXT_BYTES = 600 * 2**20
+
+
+def device_bytes(cfg: TrainConfig) -> int:
+    """About the device memory one run of ``cfg`` holds: its images resident as uint8 (train, validation
+    and test), float32 weights with their gradients and Adam's two moments, the activations a training
+    step keeps for its backward pass at ``cfg.batch_size`` (every layer's float32 output, counted with
+    forward hooks on a CPU batch of two), the process's CUDA context."""
+    n_train, n_test = DATASET_SIZES.get(cfg.dataset, DATASET_SIZES["svhn"])
+    images = min(cfg.n_train or n_train, n_train) + min(cfg.n_test or n_test, n_test)
+    model = build_model(cfg.model)
+    outputs = []
+    hooks = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
+             for module in model.modules() if not list(module.children())]  # the leaf layers
+    with torch.no_grad():
+        model(torch.zeros(2, *config.IMAGE_SHAPE))
+    for hook in hooks:
+        hook.remove()
+    activations = 4 * sum(outputs) // 2 * cfg.batch_size  # float32 per image, times the batch
+    image_bytes = config.IMAGE_SHAPE[0] * config.IMAGE_SHAPE[1] * config.IMAGE_SHAPE[2]  # uint8
+    return images * image_bytes + 4 * 4 * count_params(model) + activations + CUDA_CONTEXT_BYTES
+
+
 def ensure_writable(folder: Path) -> None:
     """Create ``folder`` if needed and prove it takes a file, so no run trains only to fail when saving."""
     try:
