@@ -262,16 +262,7 @@ def preflight_problem(report: dict, dry: bool, wheels_dir: Path, installed: list
         return report["error"]
     failing = {name: error for name, error in report["imports"].items() if error and name in CORE_PACKAGES}
     if failing:
-        lines = [f"cannot import {len(failing)} module(s) with {sys.executable}:"]
-        lines += [f"  {name}: {error}" for name, error in failing.items()]
-        if installed:
-            lines.append(f"even after installing {len(installed)} wheel(s) from {wheels_dir}.")
-        else:
-            lines.append(f"No wheels in {wheels_dir} to install.")
-        lines.append("A package missing on this machine travels as a wheel: list it (and what it needs) in "
-                     "benchmarks/wheels.txt, run `make gpu-wheels` where pip reaches PyPI, and name .whl in "
-                     "the run's carry list. A project module's traceback is in preflight.log.")
-        return "\n".join(lines)
+        return missing_modules_note(failing, wheels_dir, installed)
     if not dry and not report.get("cuda"):
         return (f"torch {report.get('torch')} sees no CUDA device: this check needs an NVIDIA GPU "
                 "(on a CPU, --dry checks the plumbing)")

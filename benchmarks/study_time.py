@@ -55,6 +55,22 @@ import config  # noqa: E402
 from atomic_io import atomic_write_json  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+CLOCKS = {"wall": "perf_counter", "cpu": "process_time"}  # --clock: time's function
+
+
+def clock_name() -> str:
+    from bench_training import CLOCK
+
+    return next(name for name, function in CLOCKS.items() if CLOCK["now"].__name__ == function)
+
+
+def clock() -> float:
+    """The clock of every measurement here: bench_training's (``--clock``: wall or CPU seconds)."""
+    from bench_training import CLOCK
+
+    return CLOCK["now"]()
 # Split sizes (train split, test split) of the datasets the study runs on.
 SIZES = {
     "svhn": {"train": 73_257, "test": 26_032},
@@ -84,19 +100,17 @@ class Job:
 
 def study_jobs(plan, dataset: str = "synthetic") -> list[Job]:
     """Every run the study trains for ``plan``, in the order of ``pipeline.run_study``."""
-    from pipeline import grid_configs
+    from pipeline import grid_configs, study_configs
 
-    simple = config.preset_config("original", dataset=dataset, epochs=plan.simple_epochs,
-                                  n_train=plan.n_train, n_test=plan.n_test)
-    large = dataclasses.replace(simple, model=plan.large_model, epochs=plan.resnet_epochs,
-                                n_train=plan.resnet_n_train)
+    simple, large = study_configs(dataset, plan)  # the plan's preset, sizes and batch size
     grids = [
         ("simple_grid", grid_configs(("simplecnn",), plan.simple_stages, plan.simple_p_augs, plan.seeds,
                                      simple)),
         ("extra", grid_configs(("simplecnn",), plan.extra_stages, (1.0,), plan.seeds, simple)),
-        ("large_grid", grid_configs((plan.large_model,), plan.resnet_stages, plan.resnet_p_augs,
-                                    plan.seeds[:1], large)),
     ]
+    if large is not None:
+        grids.append(("large_grid", grid_configs((plan.large_model,), plan.resnet_stages, plan.resnet_p_augs,
+                                                 plan.seeds[:1], large)))
     jobs, seen = [], set()
     for part, configs in grids:
         for cfg in configs:
@@ -104,6 +118,8 @@ def study_jobs(plan, dataset: str = "synthetic") -> list[Job]:
             if key not in seen:  # a finished run is loaded, not retrained
                 seen.add(key)
                 jobs.append(Job(part, cfg, True, plan.severities))
+    if large is None:
+        return jobs
     tuned = dataclasses.replace(large, stage="stage1_basic", p_aug=EXPECTED_TUNED_P_AUG)
     jobs += [Job("tuning", dataclasses.replace(tuned, epochs=plan.tune_epochs), False, ())] * plan.tune_trials
     final = dataclasses.replace(tuned, epochs=plan.final_epochs)
@@ -134,11 +150,20 @@ def augment_share(cfg: config.TrainConfig, throughputs: dict) -> float:
 # ----------------------------------------------------------------------------- the model of cost
 
 
-def job_seconds(job: Job, throughputs: dict, sizes: dict) -> dict[str, float]:
-    """Predicted seconds of one job, per component."""
-    from augmentations import CORRUPTION_KINDS
+def batch_key(batch_size: int, eval_batch_size: int) -> str:
+    return f"{batch_size}/{eval_batch_size}"
 
-    cfg, t = job.cfg, throughputs
+
+def batch_rates(throughputs: dict, batch_size: int, eval_batch_size: int) -> dict:
+    """The rates measured at a run's training and evaluation batch sizes (see ``measure_rates``)."""
+    return {**throughputs, **throughputs["by_batch"][batch_key(batch_size, eval_batch_size)]}
+
+
+def job_seconds(job: Job, throughputs: dict, sizes: dict) -> dict[str, float]:
+    """Predicted seconds of one job, per component; the corruption of the test images is left to
+    ``corruption_seconds`` (made once per process and reused by every run)."""
+    cfg = job.cfg
+    t = batch_rates(throughputs, cfg.batch_size, cfg.eval_batch_size)
     n_train, n_val, n_test = split_sizes(cfg, sizes)
     trained = cfg.epochs * n_train
     cost = {
@@ -151,17 +176,34 @@ def job_seconds(job: Job, throughputs: dict, sizes: dict) -> dict[str, float]:
     if not job.report:
         cost["fixed"] = t["trial_s"]
         return cost
+    from augmentations import CORRUPTION_KINDS
+
     passes = 1 + len(CORRUPTION_KINDS) * len(job.severities)  # the test set and its corrupted copies
     cost.update({
         "checkpoints": cfg.epochs * t["checkpoint_s"][cfg.model],
         "test_and_robustness": (n_test * passes + 2 * min(INFERENCE_IMAGES, n_test)) / t["eval"][cfg.model],
-        "corrupt": n_test * sum(1.0 / t["corrupt"][kind][str(severity)]
-                                for kind in CORRUPTION_KINDS for severity in job.severities),
         "bootstrap": n_test * t["bootstrap_s_per_image"],
         "fixed": (t["save_s"][cfg.model] + t["report_s"]
                   + (t["queue_cell_s"] if job.part in GRID_PARTS else 0.0)),
     })
     return cost
+
+
+def corruption_seconds(job: Job, throughputs: dict, sizes: dict, made: set) -> float:
+    """Seconds to corrupt the test images for ``job`` in a process that already made the copies in
+    ``made`` ((n_test, kind, severity), updated): ``RunData`` caches them per process, so each is made once."""
+    from augmentations import CORRUPTION_KINDS
+
+    if not job.report:
+        return 0.0
+    n_test = split_sizes(job.cfg, sizes)[2]
+    seconds = 0.0
+    for kind in CORRUPTION_KINDS:
+        for severity in job.severities:
+            if (n_test, kind, severity) not in made:
+                made.add((n_test, kind, severity))
+                seconds += n_test / throughputs["corrupt"][kind][str(severity)]
+    return seconds
 
 
 def comparisons(plan, jobs: list[Job]) -> list[int]:
@@ -187,24 +229,36 @@ def summary_seconds(plan, jobs: list[Job], throughputs: dict, sizes: dict) -> di
     return {"compare": 2 * n_test * one_pass, "figures": SUMMARY_FIGURES * throughputs["figure_s"]}
 
 
-def predict_study_seconds(plan, throughputs: dict, sizes: dict) -> dict:
-    """Predicted wall time of ``pipeline.run_study`` under ``plan`` on the measured device.
+def predict_study_seconds(plan, throughputs: dict, sizes: dict, packing: dict | None = None,
+                          dataset: str = "synthetic") -> dict:
+    """Predicted seconds of ``pipeline.run_study`` under ``plan`` on the measured device (in the clock the
+    rates were measured with), one worker, or with ``packing``.
 
     ``throughputs``: the measured rates and fixed costs (``measure_rates`` and ``measure_plan_costs``
-    merged into one dict); ``sizes``: the
-    dataset's split sizes {"train", "test"}. Returns {"total_s", "parts": seconds per step of the
-    study, "components": seconds per kind of work, "runs", "trials"}.
+    merged into one dict); ``sizes``: the dataset's split sizes {"train", "test"}; ``packing``: per model
+    {"k", "speedup"} (``bench_packing.py``'s best k): each grid part then runs in k worker processes
+    sharing the device, its runs ``speedup`` times faster together, and each worker process corrupts the
+    test images and warms up once, alongside the others. Returns {"total_s", "parts": seconds per step of
+    the study, "components": seconds per kind of work, "runs", "trials"}.
     """
-    jobs = study_jobs(plan)
+    jobs = study_jobs(plan, dataset)
     parts = dict.fromkeys(PARTS, 0.0)
     components: dict[str, float] = {"first_use": throughputs["startup_s"]}
     parts[jobs[0].part] += throughputs["startup_s"]
-    first_seen = set()
+    # What each process did once: the models it used (autotuning, kernel caches), the corrupted copies it
+    # made. One process runs everything, unless a grid part is packed into worker processes of its own.
+    processes: dict[str, dict[str, set]] = {}
     for job in jobs:
+        packed = packing.get(job.cfg.model) if packing and job.part in GRID_PARTS else None
+        process = processes.setdefault(job.part if packed else "main", {"models": set(), "made": set()})
         cost = job_seconds(job, throughputs, sizes)
-        if job.cfg.model not in first_seen:  # once per model and process: autotuning, kernel caches
-            first_seen.add(job.cfg.model)
-            cost["first_use"] = throughputs["first_use_s"][job.cfg.model]
+        if packed:
+            cost = {name: seconds / packed["speedup"] for name, seconds in cost.items()}
+        cost["corrupt"] = corruption_seconds(job, throughputs, sizes, process["made"])
+        if job.cfg.model not in process["models"]:
+            process["models"].add(job.cfg.model)
+            cost["first_use"] = batch_rates(throughputs, job.cfg.batch_size,
+                                            job.cfg.eval_batch_size)["first_use_s"][job.cfg.model]
         for name, seconds in cost.items():
             parts[job.part] += seconds
             components[name] = components.get(name, 0.0) + seconds
@@ -318,10 +372,10 @@ def _startup_seconds(device: str) -> float:
         return 0.0
     import training
 
-    start = time.perf_counter()
+    start = clock()
     torch.nn.functional.conv2d(torch.zeros(1, 3, 8, 8, device=device), torch.zeros(4, 3, 3, 3, device=device))
     training.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _corrupt_rates(severities, m: Measure) -> dict[str, dict[str, float]]:
@@ -335,9 +389,9 @@ def _corrupt_rates(severities, m: Measure) -> dict[str, dict[str, float]]:
     for kind in CORRUPTION_KINDS:
         rates[kind] = {}
         for severity in severities:
-            start = time.perf_counter()
+            start = clock()
             corrupt(images, kind, severity, seed=1234)
-            rates[kind][str(severity)] = len(images) / (time.perf_counter() - start)
+            rates[kind][str(severity)] = len(images) / (clock() - start)
     return rates
 
 
@@ -352,10 +406,10 @@ def _fixed_costs(models, device: str, m: Measure, tmp: Path) -> dict:
     costs = {"setup_s": {}, "checkpoint_s": {}, "save_s": {}}
     cfg = config.preset_config("original")
     for name in models:
-        start = time.perf_counter()
+        start = clock()
         model = build_model(name).to(device)
         optimizer = training.build_optimizer(model, cfg)
-        costs["setup_s"][name] = time.perf_counter() - start
+        costs["setup_s"][name] = clock() - start
         model(torch.zeros(2, 3, 32, 32, device=device)).sum().backward()
         optimizer.step()  # the optimizer's state exists, as in every checkpoint after the first step
         state = checkpoints.RunState(epoch=1, best_state=checkpoints.cpu_state(model), best_epoch=1)
@@ -408,11 +462,11 @@ def _figure_seconds(tmp: Path) -> float:
               lambda: viz.plot_confusion_matrix([[10 * (i == j) + 1 for j in range(10)] for i in range(10)],
                                                 dataset="synthetic"),
               lambda: viz.plot_learning_curves(history, dataset="synthetic")]
-    start = time.perf_counter()
+    start = clock()
     for make in makers:
         viz.save_figure(make(), tmp / "figure.png")
     plt.close("all")
-    return (time.perf_counter() - start) / len(makers)
+    return (clock() - start) / len(makers)
 
 
 def _optuna_costs(n_trials: int, tmp: Path) -> dict:
@@ -436,12 +490,12 @@ def _optuna_costs(n_trials: int, tmp: Path) -> dict:
             trial.should_prune()  # asked after every epoch, as in pipeline.tune
         return cfg.lr
 
-    start = time.perf_counter()
+    start = clock()
     study.optimize(objective, n_trials=max(n_trials, 1))
-    trial_s = (time.perf_counter() - start) / max(n_trials, 1)
-    start = time.perf_counter()
+    trial_s = (clock() - start) / max(n_trials, 1)
+    start = clock()
     reports.save_tuning_figures(study, "synthetic", out_dir=tmp)
-    return {"trial_s": trial_s, "tuning_figures_s": time.perf_counter() - start}
+    return {"trial_s": trial_s, "tuning_figures_s": clock() - start}
 
 
 def _queue_cell_seconds(n_cells: int, n_test: int, tmp: Path) -> float:
@@ -451,25 +505,24 @@ def _queue_cell_seconds(n_cells: int, n_test: int, tmp: Path) -> float:
     storage = open_storage(str(tmp / "queue.journal"))
     cells = [{"cell_key": f"cell-{i}", "config": {"i": i}, "severities": [2]} for i in range(n_cells)]
     report = {"test_labels": "0" * n_test, "test_predictions": "0" * n_test}
-    start = time.perf_counter()
+    start = clock()
     enqueue_cells(storage, "cost", cells)
     run_worker(storage, "cost", lambda cell: report)
-    return (time.perf_counter() - start) / n_cells
+    return (clock() - start) / n_cells
 
 
-def measure_rates(device: str, stages, severities, batch_size: int = 384,
-                  eval_batch_size: int = 2048) -> dict:
-    """The rates and fixed costs that do not depend on the plan, measured now on ``device``."""
+def measure_rates(device: str, stages, severities, batch_sizes=((384, 2048),), models=config.MODELS) -> dict:
+    """The rates and fixed costs of the study's work, measured now on ``device``; the model and augmentation
+    rates at each (training, evaluation) batch size of ``batch_sizes``, under "by_batch"."""
     m = MEASURE[torch.device(device).type]
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         return {
             "device_type": torch.device(device).type,
             "startup_s": _startup_seconds(device),  # first: nothing has touched the device yet
-            "batch_size": batch_size,
-            "eval_batch_size": eval_batch_size,
-            **_model_rates(config.MODELS, device, batch_size, eval_batch_size, m),
-            "augment": _stage_rates(stages, device, batch_size, m),
+            "by_batch": {batch_key(batch_size, eval_batch_size): {
+                **_model_rates(models, device, batch_size, eval_batch_size, m),
+                "augment": _stage_rates(stages, device, batch_size, m)} for batch_size, eval_batch_size in batch_sizes},
             "corrupt": _corrupt_rates(severities, m),
             **_fixed_costs(config.MODELS, device, m, tmp),
             **_statistics_costs(m),
@@ -486,6 +539,11 @@ def measure_plan_costs(plan, sizes: dict) -> dict:
         tmp = Path(folder)
         return {**_optuna_costs(plan.tune_trials, tmp),
                 "queue_cell_s": _queue_cell_seconds(max(largest_grid, 1), n_test, tmp)}
+
+
+def plan_batch_sizes(*plans) -> list[tuple[int, int]]:
+    """Every (training, evaluation) batch size the plans' runs use."""
+    return sorted({(job.cfg.batch_size, job.cfg.eval_batch_size) for plan in plans for job in study_jobs(plan)})
 
 
 def plan_stages(*plans) -> list[str]:
@@ -524,12 +582,12 @@ def run_study_child(plan_fields: dict, device: str, threads: int | None) -> None
     marks = []
 
     def on_step(title: str) -> None:
-        marks.append(time.perf_counter())
+        marks.append(clock())
         pipeline.print_step(title)
 
-    start = time.perf_counter()
+    start = clock()
     pipeline.run_study("synthetic", device=device, plan=plan, on_step=on_step)
-    end = time.perf_counter()
+    end = clock()
     parts = [b - a for a, b in zip(marks, marks[1:] + [end], strict=True)]
     print(RESULT_MARK + json.dumps({"seconds": end - start, "before_first_step_s": marks[0] - start,
                                     "parts": dict(zip(PARTS, parts, strict=True))}), flush=True)
@@ -550,6 +608,7 @@ def run_scaled_study(plan, device: str, n_train: int, n_test: int, threads: int 
         command = [sys.executable, str(Path(__file__).resolve()), "--device", device,
                    "--child", json.dumps(dataclasses.asdict(plan))]
         command += ["--threads", str(threads)] if threads else []
+        command += ["--clock", clock_name()]
         done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:
@@ -580,52 +639,116 @@ def print_prediction(title: str, prediction: dict) -> None:
                                      sorted(prediction["components"].items(), key=lambda kv: -kv[1])))
 
 
+def packing_speedups(path: Path | None) -> dict | None:
+    """Per model {"k", "speedup"} at bench_packing.py's best k, from its JSON; None without one."""
+    if path is None or not path.exists():
+        return None
+    packing = json.loads(path.read_text())
+    return {model: {"k": k, "speedup": packing["models"][model][str(k)]["speedup"]}
+            for model, k in packing.get("best_k", {}).items() if "speedup" in packing["models"][model][str(k)]}
+
+
+def compare(predicted: float, measured: float) -> dict:
+    error = (predicted - measured) / measured
+    return {"predicted_s": predicted, "measured_s": measured, "relative_error": error, "tolerance": TOLERANCE,
+            "passed": abs(error) <= TOLERANCE}
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     parser.add_argument("--sizes", choices=tuple(SIZES), default="svhn", help="split sizes of the full study")
+    parser.add_argument("--plan", choices=("full", "quick"), default="full",
+                        help="the study predicted: the full one, or the quick one (experiments.py study --quick)")
     parser.add_argument("--validate", action="store_true", help="run a scaled-down study and compare")
     parser.add_argument("--n-train", type=int, default=1000, help="--validate: synthetic train images")
     parser.add_argument("--n-test", type=int, default=200, help="--validate: synthetic test images")
     parser.add_argument("--resnet-n-train", type=int, default=300,
                         help="--validate: train images of the ResNet runs")
+    parser.add_argument("--compare-seconds", type=float, metavar="SECONDS",
+                        help="measured seconds of the predicted study (in --clock's clock) to compare with")
+    parser.add_argument("--packing", type=Path, help="bench_packing.py's JSON: the full study is also predicted "
+                        "with its best k runs packed per grid (default: benchmarks/results/packing_<device>.json "
+                        "when present)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall seconds, or this process's CPU seconds (steadier on a shared machine; "
+                             "with --threads 1 they are the seconds of an unshared core)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import bench_training
+
+    bench_training.set_clock(getattr(time, CLOCKS[args.clock]))
     device = config.resolve_device(args.device)
-    if args.child:
-        return run_study_child(json.loads(args.child), device, args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        return run_study_child(json.loads(args.child), device, args.threads)
+    return predict_and_check(args, device)
+
+
+def run_validation(report: dict, small, rates: dict, device: str, args: argparse.Namespace, save) -> None:
+    """--validate: the scaled-down study predicted, run, compared; into ``report`` (then ``save()``)."""
+    try:
+        result = validate(small, rates, device, args.n_train, args.n_test, args.threads)
+    except Exception as err:  # noqa: BLE001 - the scaled-down study's failure is a result too
+        report["validation"] = {"error": f"{type(err).__name__}: {err}"[-3000:]}
+        save()
+        raise
+    report["validation"] = result
+    print_prediction("scaled-down study, predicted", result["predicted"])
+    measured = result["measured"]
+    print(f"scaled-down study, measured: {measured['seconds']:,.1f} s; per step: "
+          + ", ".join(f"{k} {v:,.1f} s" for k, v in measured["parts"].items()))
+    print(f"relative error {result['relative_error']:+.1%} (tolerance {TOLERANCE:.0%}): "
+          f"{'PASS' if result['passed'] else 'FAIL'}")
+    save()
+
+
+def predict_and_check(args: argparse.Namespace, device: str) -> dict:
+    """Measure, predict, check; the JSON rewritten after every part, so a run cut short keeps what it has."""
     from bench_training import device_tag, environment
 
     from pipeline import study_plan
 
-    full = study_plan(quick=False)
+    plan = study_plan(quick=args.plan == "quick")
     small = scaled_plan(resnet_n_train=args.resnet_n_train)
-    print(f"measuring rates and fixed costs on {device} ({torch.get_num_threads()} CPU threads) ...",
-          flush=True)
-    rates = measure_rates(device, plan_stages(full, small), sorted({*full.severities, *small.severities}))
+    measured_plans = (plan, small) if args.validate else (plan,)
+    path = RESULTS_DIR / f"study_time_{device_tag([device])}{'-quick' if args.plan == 'quick' else ''}.json"
     sizes = SIZES[args.sizes]
-    prediction = predict_study_seconds(full, {**rates, **measure_plan_costs(full, sizes)}, sizes)
-    print_prediction(f"full study ({args.sizes} sizes) on {device}", prediction)
-    report = {**environment([device]), "device": device, "sizes": sizes, "dataset_sizes": args.sizes,
-              "plan": dataclasses.asdict(full), "throughputs": rates, "prediction": prediction}
+    report = {**environment([device]), "device": device, "clock": args.clock, "sizes": sizes,
+              "dataset_sizes": args.sizes, "plan_name": args.plan, "plan": dataclasses.asdict(plan)}
+
+    def save() -> None:
+        report["load_average_1min_after"] = os.getloadavg()[0]
+        for target in (path, *filter(None, [args.out])):
+            atomic_write_json(target, report)
+
+    print(f"measuring rates and fixed costs on {device} ({torch.get_num_threads()} CPU threads, {args.clock} "
+          "clock) ...", flush=True)
+    rates = measure_rates(device, plan_stages(*measured_plans),
+                          sorted({severity for p in measured_plans for severity in p.severities}),
+                          plan_batch_sizes(*measured_plans),
+                          sorted({job.cfg.model for p in measured_plans for job in study_jobs(p)}))
+    report["throughputs"] = rates
+    save()
+    costs = {**rates, **measure_plan_costs(plan, sizes)}
+    report["prediction"] = predict_study_seconds(plan, costs, sizes)
+    print_prediction(f"{args.plan} study ({args.sizes} sizes) on {device}, one run at a time", report["prediction"])
+    packing = packing_speedups(args.packing or RESULTS_DIR / f"packing_{device_tag([device])}.json")
+    if packing:
+        report["packing"] = packing
+        report["prediction_packed"] = predict_study_seconds(plan, costs, sizes, packing)
+        print_prediction(f"{args.plan} study, grids packed ({packing})", report["prediction_packed"])
+    if args.compare_seconds:
+        report["comparison"] = compare(report["prediction"]["total_s"], args.compare_seconds)
+        print(f"measured {args.compare_seconds:,.1f} s: relative error {report['comparison']['relative_error']:+.1%} "
+              f"(tolerance {TOLERANCE:.0%}): {'PASS' if report['comparison']['passed'] else 'FAIL'}")
+    save()
     if args.validate:
-        result = validate(small, rates, device, args.n_train, args.n_test, args.threads)
-        report["validation"] = result
-        print_prediction("scaled-down study, predicted", result["predicted"])
-        measured = result["measured"]
-        print(f"scaled-down study, measured: {measured['seconds']:,.1f} s; per step: "
-              + ", ".join(f"{k} {v:,.1f} s" for k, v in measured["parts"].items()))
-        print(f"relative error {result['relative_error']:+.1%} (tolerance {TOLERANCE:.0%}): "
-              f"{'PASS' if result['passed'] else 'FAIL'}")
-    report["load_average_1min_after"] = os.getloadavg()[0]
-    path = atomic_write_json(RESULTS_DIR / f"study_time_{device_tag([device])}.json", report)
-    if args.out:
-        atomic_write_json(args.out, report)
+        run_validation(report, small, rates, device, args, save)
     print(f"wrote {path.relative_to(ROOT)}")
     return report
 
