@@ -217,8 +217,10 @@ def comparisons(plan, jobs: list[Job]) -> list[int]:
     return arrays
 
 
-# Figures of the summary step: per model 2 heatmaps + 3 of the best cell, and the distillation one.
-SUMMARY_FIGURES = 2 * 5 + 1
+def summary_figures(jobs: list[Job]) -> int:
+    """Figures of the summary step: per model 2 heatmaps + 3 of the best cell, and the distillation one."""
+    return 5 * len({job.cfg.model for job in jobs if job.part in GRID_PARTS}) + any(
+        job.part == "distillation" for job in jobs)
 
 
 def summary_seconds(plan, jobs: list[Job], throughputs: dict, sizes: dict) -> dict[str, float]:
@@ -226,7 +228,7 @@ def summary_seconds(plan, jobs: list[Job], throughputs: dict, sizes: dict) -> di
     n_test = split_sizes(jobs[0].cfg, sizes)[2]
     per_image = throughputs["compare_s_per_image"]
     one_pass = sum(per_image["fixed"] + per_image["per_array"] * arrays for arrays in comparisons(plan, jobs))
-    return {"compare": 2 * n_test * one_pass, "figures": SUMMARY_FIGURES * throughputs["figure_s"]}
+    return {"compare": 2 * n_test * one_pass, "figures": summary_figures(jobs) * throughputs["figure_s"]}
 
 
 def predict_study_seconds(plan, throughputs: dict, sizes: dict, packing: dict | None = None,
@@ -263,10 +265,11 @@ def predict_study_seconds(plan, throughputs: dict, sizes: dict, packing: dict | 
             parts[job.part] += seconds
             components[name] = components.get(name, 0.0) + seconds
     summary = summary_seconds(plan, jobs, throughputs, sizes)
-    parts["tuning"] += throughputs["tuning_figures_s"]
+    tuning_figures = throughputs["tuning_figures_s"] if any(job.part == "tuning" for job in jobs) else 0.0
+    parts["tuning"] += tuning_figures
     parts["figures"] += summary["compare"] + summary["figures"]
     components["compare"] = summary["compare"]
-    components["figures"] = summary["figures"] + throughputs["tuning_figures_s"]
+    components["figures"] = summary["figures"] + tuning_figures
     return {"total_s": sum(parts.values()), "parts": parts, "components": components,
             "runs": sum(job.report for job in jobs), "trials": sum(not job.report for job in jobs)}
 
@@ -734,7 +737,8 @@ def predict_and_check(args: argparse.Namespace, device: str) -> dict:
                           sorted({job.cfg.model for p in measured_plans for job in study_jobs(p)}))
     report["throughputs"] = rates
     save()
-    costs = {**rates, **measure_plan_costs(plan, sizes)}
+    report["plan_costs"] = measure_plan_costs(plan, sizes)
+    costs = {**rates, **report["plan_costs"]}
     report["prediction"] = predict_study_seconds(plan, costs, sizes)
     print_prediction(f"{args.plan} study ({args.sizes} sizes) on {device}, one run at a time", report["prediction"])
     packing = packing_speedups(args.packing or RESULTS_DIR / f"packing_{device_tag([device])}.json")
