@@ -527,7 +527,10 @@ def _tensorboard_writer(log_dir: str | Path | None):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(log_dir=str(log_dir))
-    except ImportError:  # tensorboard is optional: not installed is no failure
+    except ModuleNotFoundError as err:  # tensorboard is optional: not installed is no failure
+        if err.name not in ("tensorboard", "torch.utils.tensorboard"):  # installed, but something it imports
+            # is missing: a broken install
+            _warn_tensorboard("cannot start a writer", err)
         return None
     except Exception as err:  # noqa: BLE001 - a broken install raises anything (protobuf, numpy, OSError)
         _warn_tensorboard("cannot start a writer", err)

@@ -758,6 +758,19 @@ def test_tensorboard_is_skipped_silently_when_missing(monkeypatch, tmp_path, rec
     assert not (tmp_path / "tb").exists()
 
 
+def test_a_tensorboard_missing_a_dependency_warns_once_and_the_run_finishes(monkeypatch, tmp_path):
+    broken = tmp_path / "site" / "tensorboard"  # installed, but what it imports is not
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("import protobuf_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.warns(RuntimeWarning, match="protobuf_that_is_not_installed") as caught:
+        result = fit(tiny_net(), *loaders(), tiny_cfg(epochs=2), "cpu", quiet=True, tensorboard_dir=tmp_path / "tb")
+    assert len(result["history"]) == 2
+    assert sum("TensorBoard" in str(w.message) for w in caught) == 1
+
+
 class BrokenSummaryWriter(FakeSummaryWriter):
     """A writer that fails at one point: on start, at the second scalar, or when closed."""
 
