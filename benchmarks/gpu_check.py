@@ -17,7 +17,7 @@ is packed into OUT/gpu_check.tar.gz (summary.json, each step's log, and under <s
 the step wrote to benchmarks/results/, named as written there) and OUT/summary.json is rewritten, so a
 run cut short still returns what finished. OUT is --out, else $OUT, else benchmarks/results/gpu_check.
 
---dry proves the plumbing on a CPU in about a minute on a quiet 2-core CPU (its limits allow for a busy
+--dry proves the plumbing on a CPU in 2-3 minutes on a quiet 2-core CPU (its limits allow for a busy
 one): CUDA hidden, tiny sizes, the steps that need CUDA (or that have no small size) skipped, every step
 run in a scratch copy of the repository so that the committed results stay as they are. Its figures
 are plumbing only, not results.
