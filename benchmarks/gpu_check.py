@@ -104,7 +104,8 @@ STEPS = (
     Step("memory", 35, (TRAINING, "--memory"), needs=("bench_training",)),
     Step("tests", 45, (*PYTEST_CUDA, *CUDA_TEST_FILES), 120, (*PYTEST_CUDA, CUDA_TEST_FILES[0]),
          needs=("pytest", "runs")),
-    Step("packing", 70, (PACKING, "--device", "cuda"), 180, (PACKING, "--device", "cpu", "--quick"),
+    Step("packing", 70, (PACKING, "--device", "cuda"), 180, (PACKING, "--device", "cpu", "--quick", "--models",
+                                                              "simplecnn"),
          needs=("bench_packing",)),
     Step("study", 85, (STUDY, "--device", "cuda", "--sizes", "svhn", "--validate",  # minutes on a CPU
                        "--n-train", "3000", "--n-test", "1000", "--resnet-n-train", "3000"),
