@@ -675,6 +675,40 @@ def compare_groups(y_true, preds_a, preds_b, **options) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# A cell's own interval: seeds and test images
+
+SEEDS_AND_IMAGES = "seeds and test images"
+IMAGES_ONLY = "test images only (one seed: seed noise not included)"
+
+
+def cell_estimate(y_true, preds, *, metric: str = "f1_macro", confidence: float = 0.95,
+                  num_classes: int = NUM_CLASSES) -> dict:
+    """Mean metric of a cell's seeds with an interval for what a new seed on new test images would average.
+
+    preds holds one prediction array per training seed on the same test images. With 2+ seeds: mean
+    +- t(n - 1) * sqrt(s^2 / n + v), s^2 the variance over seeds and v the delta-method test-image
+    variance of the seed mean (the seeds share one test set, so a t-interval over seeds alone misses
+    how that test set itself fell); kind SEEDS_AND_IMAGES. With one seed: the normal test-image
+    interval, which says nothing about seed noise; kind IMAGES_ONLY. Returns mean, low, high, n,
+    seed_sd (None for one seed), test_se, df (None for one seed), confidence, metric and kind.
+    """
+    _check_metric(metric)
+    require(0.0 < confidence < 1.0, f"confidence must lie in (0, 1), got {confidence}")
+    [(values, influence)] = _seed_groups(y_true, [preds], metric, num_classes, ["preds"])
+    n, mean = values.size, float(values.mean())
+    test_var = float(np.sum(influence**2)) / influence.size**2
+    out = {"mean": mean, "n": int(n), "test_se": float(np.sqrt(test_var)), "confidence": float(confidence),
+           "metric": metric}
+    if n == 1:
+        half = float(sps.norm.ppf((1 + confidence) / 2)) * np.sqrt(test_var)
+        return out | {"low": mean - half, "high": mean + half, "seed_sd": None, "df": None, "kind": IMAGES_ONLY}
+    seed_var = float(values.var(ddof=1))
+    half = float(sps.t.ppf((1 + confidence) / 2, n - 1)) * np.sqrt(seed_var / n + test_var)
+    return out | {"low": mean - half, "high": mean + half, "seed_sd": float(np.sqrt(seed_var)), "df": n - 1,
+                  "kind": SEEDS_AND_IMAGES}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Seeds a cell needs: an internal pilot that reads variances only
 
 
@@ -763,13 +797,16 @@ def seeds_for_effect(
 # ----------------------------------------------------------------------------------------------------
 # Flags for reports: at chance, still improving
 
-# Still improving: the last epoch beats every earlier one by more than this much validation macro-F1.
-# Half a point is below the augmentation effects under study (0.01-0.05): augmented cells converge
-# more slowly, so a budget that still moves a run by more than this can pass for an effect. A run cut
-# short gains far more (0.04 -> 0.35 -> 0.64); an annealed schedule's last epoch far less. With a
-# constant learning rate, epoch-to-epoch jitter of a converged run can set the flag by chance: a
-# false warning, the safe side.
+# Still improving: validation macro-F1's trend over the last epochs (the last half, at least
+# TREND_MIN_EPOCHS) rises beyond the run's own epoch-to-epoch noise (one-sided t test of the
+# least-squares slope at STILL_IMPROVING_LEVEL, noise from the residuals about the line). Runs with
+# fewer epochs use the last epoch's gain over the best earlier one against STILL_IMPROVING_GAIN.
+TREND_MIN_EPOCHS = 5
+STILL_IMPROVING_LEVEL = 0.05
 STILL_IMPROVING_GAIN = 0.005
+# A learning rate that ends below this share of its largest value over the last epochs is annealing:
+# the rise it brings (one-cycle, cosine) is the schedule finishing, not a budget cut short.
+ANNEALED_SHARE = 0.5
 
 
 def _random_predictor_f1(labels: np.ndarray, draw, n_sim: int, num_classes: int) -> np.ndarray:
@@ -814,23 +851,60 @@ def _chance_band(label_bytes: bytes, seed: int, quantile: float, n_sim: int, num
     return max(constant, float(np.quantile(uniform, quantile)), float(np.quantile(matched, quantile)))
 
 
-def at_chance(f1: float, y_true, **options) -> bool:
-    """Is this macro-F1 within the chance band of these test labels? options go to chance_band."""
-    return bool(f1 <= chance_band(y_true, **options))
+def at_chance(f1: float, y_true, *, low: float | None = None, **options) -> bool:
+    """Is this macro-F1 not distinguishable from chance on these test labels?
+
+    True when the estimate, or the lower end `low` of its interval when given, lies within the chance
+    band (chance_band; options go to it): a cell whose interval reaches the band may have learned
+    nothing, and is never to be named best or most robust.
+    """
+    judged = f1 if low is None else min(f1, low)
+    return bool(judged <= chance_band(y_true, **options))
 
 
-def still_improving(val_f1_history: Sequence[float], threshold: float = STILL_IMPROVING_GAIN) -> bool:
-    """Was validation macro-F1 still rising at the last epoch?
+def still_improving(val_f1_history: Sequence[float], threshold: float = STILL_IMPROVING_GAIN, *,
+                    lrs: Sequence[float] | None = None) -> bool:
+    """Was validation macro-F1 still rising over the last epochs, beyond the run's own noise?
 
-    True when the last epoch beats the best earlier epoch by more than threshold (default
-    STILL_IMPROVING_GAIN), or when there is only one epoch (nothing says it converged).
+    With TREND_MIN_EPOCHS or more epochs: the least-squares slope over the last half of the epochs
+    (at least TREND_MIN_EPOCHS) is tested against the scatter of those epochs about their line
+    (one-sided t, level STILL_IMPROVING_LEVEL). lrs, the learning rate of each epoch (the history's
+    "lr"), makes the flag aware of the schedule: when the rate falls below ANNEALED_SHARE of its
+    largest value over those epochs, the rise is the annealing's and the run is not flagged. Fewer
+    epochs: the last epoch beats the best earlier one by more than threshold; one epoch: True
+    (nothing says it converged).
     """
     history = np.asarray(val_f1_history, dtype=np.float64)
     require(history.ndim == 1 and history.size > 0, "still_improving needs at least one epoch's validation F1")
     require(bool(np.all(np.isfinite(history))), "validation F1 values must be finite")
+    require(lrs is None or len(lrs) == history.size,
+            f"lrs must give one learning rate per epoch ({history.size}), got {None if lrs is None else len(lrs)}")
     if history.size == 1:
         return True
-    return bool(history[-1] - history[:-1].max() > threshold)
+    if history.size < TREND_MIN_EPOCHS:
+        return bool(history[-1] - history[:-1].max() > threshold)
+    window = max(TREND_MIN_EPOCHS, history.size // 2)
+    if lrs is not None:
+        recent = np.asarray(lrs, dtype=np.float64)[-window:]
+        if recent[-1] < ANNEALED_SHARE * recent.max():
+            return False
+    return bool(trend_t(history[-window:]) > sps.t.ppf(1 - STILL_IMPROVING_LEVEL, window - 2))
+
+
+def trend_t(values) -> np.ndarray:
+    """t statistic of the least-squares slope of values (..., k) against 0, 1, .., k-1 (k >= 3) -> (...).
+
+    Residual scatter about the line estimates the noise (k - 2 degrees of freedom); a perfectly straight
+    rise is +inf, a flat line 0.
+    """
+    y = np.asarray(values, dtype=np.float64)
+    k = y.shape[-1]
+    x = np.arange(k) - (k - 1) / 2
+    sxx = float(np.sum(x**2))
+    slope = (y @ x) / sxx
+    residuals = y - y.mean(axis=-1, keepdims=True) - slope[..., None] * x
+    se = np.sqrt(np.sum(residuals**2, axis=-1) / (k - 2) / sxx)
+    return np.divide(slope, se, out=np.where(slope > 0, np.inf, np.where(slope < 0, -np.inf, 0.0)), where=se > 1e-15)
 
 
 def format_estimate(est: float, low: float, high: float, digits: int = 3) -> str:
