@@ -322,6 +322,7 @@ FAMILY_METHOD = (
 )
 MODERATED_METHOD = "moderated t"
 WELCH_METHOD = "Welch-style (own seed variances)"
+IMAGE_INTERVAL_METHOD = "no test: test-image interval only (normal, delta method)"
 ONE_SEED_REASON = "one seed: seed variation unknown"
 ONE_BASELINE_SEED_REASON = "baseline has one seed: seed variation unknown"
 # A group whose seed variance lies above this upper quantile of what the family's prior predicts keeps
@@ -585,7 +586,8 @@ def _verdict(tests: dict, c: int, counts: np.ndarray, crit: float) -> dict:
                "seed_sd": None, "baseline_seed_sd": None, "method": None}
     if not tests["tested"][c]:
         reason = ONE_SEED_REASON if counts[c + 1] < 2 else ONE_BASELINE_SEED_REASON
-        return verdict | {"low": diff - crit * test_se, "high": diff + crit * test_se, "se": test_se, "reason": reason}
+        return verdict | {"low": diff - crit * test_se, "high": diff + crit * test_se, "se": test_se, "reason": reason,
+                          "method": IMAGE_INTERVAL_METHOD}
     return verdict | {
         "low": float(tests["low"][c]), "high": float(tests["high"][c]), "se": float(tests["se"][c]),
         "p_value": float(tests["p_value"][c]), "p_holm": float(tests["p_holm"][c]),
@@ -636,7 +638,8 @@ def compare_family(
     Returns {cell name: verdict}; each verdict has diff, low, high (confidence interval of diff),
     se, test_se, p_value, p_holm, significant, cell_mean, baseline_mean, n_seeds, n_baseline_seeds,
     reason (None or why untested), df (the test's), seed_sd and baseline_seed_sd (the variances used),
-    method (MODERATED_METHOD, or WELCH_METHOD where either side keeps its own variance), and for the
+    method (MODERATED_METHOD, WELCH_METHOD where either side keeps its own variance, or
+    IMAGE_INTERVAL_METHOD where untested), and for the
     family: outliers (names of the groups that keep their own variance, "baseline" included),
     shared_prior (whether any group was moderated), prior_sd and prior_df, family_size (cells passed),
     family_tested (cells in Holm's correction), alpha, confidence, metric and family_method.
