@@ -17,7 +17,18 @@ import visualization as viz
 from atomic_io import atomic_write_text
 from data_loading import compute_channel_stats, load_split
 from runs import ReportError, best_val_f1, model_path, parse_digits, read_report, report_path
-from stats import FAMILY_METHOD, at_chance, chance_band, compare_family, format_estimate, seed_summary, still_improving
+from stats import (
+    IMAGES_ONLY,
+    MODERATED_METHOD,
+    SEEDS_AND_IMAGES,
+    at_chance,
+    cell_estimate,
+    chance_band,
+    compare_family,
+    format_estimate,
+    seed_summary,
+    still_improving,
+)
 from work_queue import is_storage, open_storage, reports_from_storage
 
 
@@ -97,16 +108,18 @@ def report_row(report: dict) -> dict:
 
 
 def run_summary_line(report: dict) -> str:
-    """One run in a sentence: test macro-F1 with its interval, its budget, and its flags."""
+    """One run in a sentence: test macro-F1 with its interval (over test images only: one seed), its budget,
+    and its flags."""
     ci, flags = report["test_f1_macro_ci"], report["flags"]
     text = (f"{report['run_id']} ({viz.dataset_label(report['dataset'])}; {run_budget(report)}): test macro-F1 "
-            f"{format_estimate(report['test']['f1_macro'], ci['low'], ci['high'])}")
+            f"{format_estimate(report['test']['f1_macro'], ci['low'], ci['high'])} (test images only)")
     corrupted = report["robustness"]["mean_f1_macro"]
     text += f", under corruptions {corrupted:.3f}" if corrupted is not None else ""
     if flags["at_chance"]:
-        text += f" -- AT CHANCE (a random or constant predictor reaches {flags['chance_f1_macro']:.3f})"
+        text += (" -- NOT DISTINGUISHABLE FROM CHANCE (its interval reaches the band a random or constant "
+                 f"predictor reaches, {flags['chance_f1_macro']:.3f})")
     if flags["still_improving"]:
-        text += " -- still improving at the last epoch (train longer before reading it as final)"
+        text += " -- still improving over the last epochs (train longer before reading it as final)"
     return text
 
 
@@ -197,17 +210,22 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
         "family": family, "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
         "train_images": report["sizes"]["train"], "epochs": first["epochs"], "lr": report["config"]["lr"],
         "teacher": first["teacher"], "stage": first["stage"], "p_aug": first["p_aug"], "n_seeds": len(cell),
-        "f1_mean": seeds["mean"], "f1_std": seeds["std"], "ci_low": seeds["ci_low"], "ci_high": seeds["ci_high"],
+        "f1_mean": seeds["mean"], "f1_std": seeds["std"],
         "val_f1_mean": float(np.mean([best_val_f1(r) for r in cell["report"]])),
         "corruption_f1": float(cell["corruption_f1"].mean()),
-        "at_chance": at_chance(seeds["mean"], y_true),
-        "still_improving": any(still_improving([h["val_f1_macro"] for h in r["history"]]) for r in cell["report"]),
+        "still_improving": any(still_improving([h["val_f1_macro"] for h in r["history"]],
+                                               lrs=[h["lr"] for h in r["history"]]) for r in cell["report"]),
     }
     row["corruption_drop"] = row["f1_mean"] - row["corruption_f1"]
-    if len(cell) == 1:  # one seed: the interval is the bootstrap over test images
-        row["ci_low"], row["ci_high"] = float(first["ci_low"]), float(first["ci_high"])
+    if len(cell) == 1:  # one seed: the run's bootstrap over test images, which knows nothing of seed noise
+        row |= {"ci_low": float(first["ci_low"]), "ci_high": float(first["ci_high"]), "ci_kind": IMAGES_ONLY}
+    else:  # seeds and the shared test set's own luck (stats.cell_estimate)
+        estimate = cell_estimate(y_true, _predictions(cell))
+        row |= {"ci_low": estimate["low"], "ci_high": estimate["high"], "ci_kind": SEEDS_AND_IMAGES}
     # A Student-t interval over two or three seeds can reach past the metric's range [0, 1].
     row["ci_low"], row["ci_high"] = max(row["ci_low"], 0.0), min(row["ci_high"], 1.0)
+    # Judged on the interval: a cell whose interval reaches the chance band may have learned nothing.
+    row["at_chance"] = at_chance(seeds["mean"], y_true, low=row["ci_low"])
     row.update(_verdict_columns(verdict))
     return row
 
@@ -215,11 +233,14 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
 def _verdict_columns(verdict: dict | None) -> dict:
     if verdict is None:
         return {"diff": np.nan, "diff_low": np.nan, "diff_high": np.nan, "p_value": np.nan, "p_holm": np.nan,
-                "significant": False, "note": "", "family_size": 0}
+                "significant": False, "note": "", "family_size": 0, "test_method": "", "test_df": np.nan,
+                "outliers": "", "shared_prior": False}
     return {"diff": verdict["diff"], "diff_low": verdict["low"], "diff_high": verdict["high"],
             "p_value": _or_nan(verdict["p_value"]), "p_holm": _or_nan(verdict["p_holm"]),
             "significant": bool(verdict["significant"]), "note": verdict["reason"] or "",
-            "family_size": verdict["family_tested"]}
+            "family_size": verdict["family_tested"], "test_method": verdict["method"] or "",
+            "test_df": _or_nan(verdict["df"]), "outliers": "; ".join(verdict["outliers"]),
+            "shared_prior": bool(verdict["shared_prior"])}
 
 
 def _or_nan(value) -> float:
@@ -229,14 +250,14 @@ def _or_nan(value) -> float:
 def conclusion(row) -> str:
     """What one cell's numbers support, in words: flags first, then the verdict."""
     if row["at_chance"]:
-        return "at chance: the model did not learn; no effect can be read"
-    flags = "still improving at the last epoch; " if row["still_improving"] else ""
+        return "not distinguishable from chance (its interval reaches the chance band): no effect can be read"
+    flags = "still improving over the last epochs; " if row["still_improving"] else ""
     if row["stage"] == "none":
         return flags + "baseline"
     if np.isnan(row["diff"]):
         return flags + "no baseline in its family"
     if row["note"]:
-        return flags + f"not tested ({row['note']})"
+        return flags + f"no verdict ({row['note']})"
     if not row["significant"]:
         return flags + "no significant difference from no augmentation"
     return flags + ("significantly better" if row["diff"] > 0 else "significantly worse") + " than no augmentation"
@@ -244,20 +265,49 @@ def conclusion(row) -> str:
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """The cell table as Markdown: one table per family, headed by the dataset (synthetic results are
-    never mistaken for SVHN) and with its multiple-comparison family named under it."""
+    never mistaken for SVHN), with what its intervals hold and how its cells were tested under it."""
     if table.empty:
         return "No finished runs.\n"
     lines = []
     for (dataset, family), part in table.groupby(["dataset", "family"], sort=False):
-        tested = int(part["family_size"].max())
         lines += [f"### {viz.dataset_label(dataset)}: {family}", "",
-                  "| stage | p_aug | seeds | macro-F1 [95% CI] | diff vs no augmentation [95% CI] | p (Holm) "
-                  "| corruption F1 (drop) | conclusion |",
-                  "|---|---:|---:|---|---|---:|---|---|"]
+                  "| stage | p_aug | seeds | macro-F1 [95% interval] | diff vs no augmentation [95% CI] | p (Holm) "
+                  "| test (df) | corruption F1 (drop) | conclusion |",
+                  "|---|---:|---:|---|---|---:|---|---|---|"]
         lines += [_markdown_row(r) for _, r in part.iterrows()]
-        lines += ["", f"Family: Holm over the {tested} tested cell(s) of this table, alpha 0.05; "
-                      f"{FAMILY_METHOD}", ""]
+        lines += ["", " ".join(family_footer(part)), ""]
     return "\n".join(lines)
+
+
+def family_footer(part: pd.DataFrame) -> list[str]:
+    """What a family's table holds, in words: the kinds of interval, how many cells were tested and how."""
+    kinds = set(part["ci_kind"])
+    lines = []
+    if SEEDS_AND_IMAGES in kinds:
+        lines.append("Intervals of cells with 2+ seeds: mean over seeds, Student t with both the spread between "
+                     "seeds and the test set's own luck (delta method).")
+    if IMAGES_ONLY in kinds:
+        lines.append("Intervals marked (images only): one seed, so a bootstrap over test images that ignores "
+                     "seed noise; such a cell gets no verdict.")
+    tested = int(part["p_value"].notna().sum())
+    if tested == 0:
+        lines.append("No cell is tested: a verdict needs at least 2 seeds in the cell and in its baseline.")
+        return lines
+    lines.append(f"Verdicts: Holm over the {tested} tested cell(s) of this table, alpha 0.05; test-image noise "
+                 "counts in every standard error.")
+    if not part.loc[part["p_value"].notna(), "shared_prior"].any():
+        lines.append("Seed spread differs too much across this family (or it has too few cells) to share: each "
+                     "cell is compared with its own seeds' spread and the smaller group's degrees of freedom "
+                     "(Welch-style); with 3 seeds that finds only large differences, so 'no significant "
+                     "difference' here asks for more seeds, not for a conclusion.")
+        return lines
+    lines.append("Each cell's seed spread is moderated towards the spread typical of this family, never below "
+                 "its own (moderated t): that gives 3-seed cells a usable test.")
+    outliers = sorted({name for names in part["outliers"] for name in names.split("; ") if name})
+    if outliers:
+        lines.append(f"Spread far wider than the rest, so kept as measured and compared Welch-style with its own "
+                     f"degrees of freedom: {', '.join(outliers)}.")
+    return lines
 
 
 def _markdown_row(r) -> str:
@@ -265,9 +315,15 @@ def _markdown_row(r) -> str:
     stage = r["stage"] if not isinstance(r["teacher"], str) else f"{r['stage']} (distilled student)"
     diff = "" if np.isnan(r["diff"]) else format_estimate(r["diff"], r["diff_low"], r["diff_high"])
     p_holm = "" if np.isnan(r["p_holm"]) else f"{r['p_holm']:.3g}"
-    return (f"| {stage} | {r['p_aug']:g} | {r['n_seeds']} "
-            f"| {format_estimate(r['f1_mean'], r['ci_low'], r['ci_high'])} | {diff} | {p_holm} "
+    test = "" if np.isnan(r["test_df"]) else f"{_short_method(r['test_method'])} ({r['test_df']:.0f})"
+    interval = format_estimate(r["f1_mean"], r["ci_low"], r["ci_high"])
+    interval += " (images only)" if r["ci_kind"] == IMAGES_ONLY else ""
+    return (f"| {stage} | {r['p_aug']:g} | {r['n_seeds']} | {interval} | {diff} | {p_holm} | {test} "
             f"| {_corruption_text(r)} | {conclusion(r)} |")
+
+
+def _short_method(method: str) -> str:
+    return "moderated t" if method == MODERATED_METHOD else "Welch-style"
 
 
 def _corruption_text(r) -> str:
@@ -329,8 +385,9 @@ def grid_tables(cells: pd.DataFrame) -> dict:
 
 def best_runs(frame: pd.DataFrame, cells: pd.DataFrame, dataset: str, model: str) -> tuple[dict, dict | None]:
     """The report of the best augmented cell, selected on VALIDATION macro-F1 (mean over seeds; the
-    seed with the best validation score), and the baseline's report. The test set never chooses."""
-    augmented = cells[cells["stage"] != "none"]
+    seed with the best validation score), and the baseline's report. The test set never chooses, and a
+    cell not distinguishable from chance is never named best (unless every cell is)."""
+    augmented = cells[(cells["stage"] != "none") & ~cells["at_chance"].astype(bool)]
     pool = augmented if not augmented.empty else cells
     best_cell = pool.sort_values("val_f1_mean", ascending=False).iloc[0]
     runs_ = frame[(frame["dataset"] == dataset) & (frame["model"] == model) & frame["teacher"].isna()]
@@ -376,9 +433,10 @@ def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list
     name = viz.model_label(model)
     first = cells.iloc[0]
     budget = budget_text(int(first["train_images"]), int(first["epochs"]), tables["n_seeds"])
-    family = f"* = differs from no augmentation (Holm over {int(cells['family_size'].max())} tested cells)"
-    if tables["n_seeds"] < 2:
-        family = "one seed per cell: no cell is tested"
+    tested = int(cells["p_value"].notna().sum())
+    family = f"* = differs from no augmentation (Holm over {tested} tested cell(s))"
+    if tested == 0:
+        family = "no cell has 2+ seeds beside a 2+ seed baseline: no cell is tested"
     if not tables["f1"].empty:
         fig = viz.plot_heatmap(tables["f1"], dataset=dataset, significance=tables["significance"],
                                title=f"{name}: test macro-F1, stage x p_aug (mean over seeds)",

@@ -20,9 +20,11 @@ Dicts hold plain Python numbers or None (JSON-ready).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+from scipy import special
 from scipy import stats as sps
 
 from config import NUM_CLASSES, require
@@ -313,11 +315,197 @@ def significant_flags(p_values, alpha: float = 0.05) -> np.ndarray:
 # Seed-aware verdicts: a family of cells against one baseline
 
 FAMILY_METHOD = (
-    "difference of seed means; seed variance pooled over the family plus delta-method test-image "
-    "variance; Student t; Holm within the family"
+    "difference of seed means; each group's seed variance moderated towards a prior fitted to the family "
+    "(moderated t, never below the group's own variance), except groups whose spread the prior cannot "
+    "explain, which keep their own variance (Welch-style, degrees of freedom of the smaller group); plus "
+    "delta-method test-image variance, which adds no degrees of freedom; Holm within the family"
 )
+MODERATED_METHOD = "moderated t"
+WELCH_METHOD = "Welch-style (own seed variances)"
+IMAGE_INTERVAL_METHOD = "no test: test-image interval only (normal, delta method)"
 ONE_SEED_REASON = "one seed: seed variation unknown"
 ONE_BASELINE_SEED_REASON = "baseline has one seed: seed variation unknown"
+# A group whose seed variance lies above this upper quantile of what the family's prior predicts keeps
+# its own variance. 0.02: a 3-seed group 8x wider than the rest escapes the flag ~6% of the time (and
+# then keeps at least its own variance), a group of the ordinary spread is flagged ~2% of the time (it
+# loses its shrinkage, not its test). Chosen with the simulation of benchmarks/family_tests.py.
+OUTLIER_LEVEL = 0.02
+# Fewer groups than this leave the prior's spread unmeasurable: every group keeps its own variance.
+MIN_PRIOR_GROUPS = 4
+# The first, robust look at a family's spread reads this quantile of its groups' variances.
+ROBUST_QUANTILE = 0.25
+# One group may be wide and flagged on its own; when the rest still differ in spread (their mean variance
+# over their median beyond its WIDESPREAD_LEVEL upper quantile under equal spread), none shares a prior.
+WIDESPREAD_LEVEL = 0.01
+# Groups whose variances Bartlett's test does not tell apart at this level are pooled outright.
+HOMOGENEITY_LEVEL = 0.01
+_VARIANCE_FLOOR = 1e-12  # log of a zero variance (identical seeds) stays finite
+
+
+def _trigamma_inverse(y: np.ndarray) -> np.ndarray:
+    """x with trigamma(x) = y (y > 0), by Newton's method from x = 0.5 + 1/y (Smyth 2004, limma)."""
+    x = 0.5 + 1.0 / y
+    for _ in range(50):
+        tri = special.polygamma(1, x)
+        step = tri * (1.0 - tri / y) / special.polygamma(2, x)
+        x = x + step
+        if np.all(-step / x < 1e-8):
+            break
+    return x
+
+
+def _bartlett_p(variances: np.ndarray, dfs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Bartlett's test that the masked groups (..., G) share one variance: its p-value (...)."""
+    d = np.where(mask, dfs, 0.0)
+    total = d.sum(axis=-1)
+    k = mask.sum(axis=-1)
+    log_var = np.log(np.maximum(variances, _VARIANCE_FLOOR))
+    pooled = np.maximum((d * np.where(mask, variances, 0.0)).sum(axis=-1) / np.maximum(total, 1.0), _VARIANCE_FLOOR)
+    statistic = total * np.log(pooled) - (d * np.where(mask, log_var, 0.0)).sum(axis=-1)
+    inverse = np.where(mask, 1.0 / np.maximum(dfs, 1.0), 0.0).sum(axis=-1)
+    statistic /= 1 + (inverse - 1 / np.maximum(total, 1.0)) / (3 * np.maximum(k - 1, 1))
+    return np.where(k >= 2, sps.chi2.sf(statistic, np.maximum(k - 1, 1)), 1.0)
+
+
+def _fit_variance_prior(variances: np.ndarray, dfs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled inverse-chi-square prior (s0^2, d0) of the masked groups' variances (..., G) -> (...), (...).
+
+    Groups that pass Bartlett's test of equal variance (at HOMOGENEITY_LEVEL) share their pooled
+    variance with d0 = their total degrees of freedom: with 2 degrees of freedom per group, Smyth's
+    moment estimate of d0 is too noisy to be worth its loss of power when spread is equal. Otherwise
+    Smyth's (2004) moments of log-variances: the excess of their spread over what d_g degrees of
+    freedom alone give sets d0, capped at the groups' total degrees of freedom.
+    """
+    half = np.where(mask, dfs, 2.0) / 2  # placeholder 1 where masked out keeps digamma finite
+    count = np.maximum(mask.sum(axis=-1), 1)
+    total_df = np.where(mask, dfs, 0.0).sum(axis=-1)
+    e = np.log(np.maximum(variances, _VARIANCE_FLOOR)) - special.digamma(half) + np.log(half)
+    e_mean = np.where(mask, e, 0.0).sum(axis=-1) / count
+    spread = np.where(mask, (e - e_mean[..., None]) ** 2, 0.0).sum(axis=-1) / np.maximum(count - 1, 1)
+    excess = spread - np.where(mask, special.polygamma(1, half), 0.0).sum(axis=-1) / count
+    d0 = np.minimum(np.where(excess > 0, 2 * _trigamma_inverse(np.maximum(excess, 1e-12)), np.inf), total_df)
+    finite_half = np.where(np.isfinite(d0) & (d0 > 0), d0, 1.0) / 2
+    correction = np.where(np.isfinite(d0), special.digamma(finite_half) - np.log(finite_half), 0.0)
+    smyth_var = np.exp(e_mean + correction)
+    pooled_var = (np.where(mask, dfs * variances, 0.0)).sum(axis=-1) / np.maximum(total_df, 1.0)
+    equal = _bartlett_p(variances, dfs, mask) >= HOMOGENEITY_LEVEL
+    return np.where(equal, pooled_var, smyth_var), np.where(equal, total_df, d0)
+
+
+def _mean_over_median(variances: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean over median of the masked groups' variances (..., G) -> (...): large when some of them are
+    much wider than the rest, and scale-free, so its null distribution needs no variance."""
+    with np.errstate(all="ignore"):
+        kept = np.where(mask, variances, np.nan)
+        return np.nanmean(kept, axis=-1) / np.maximum(np.nanmedian(kept, axis=-1), _VARIANCE_FLOOR)
+
+
+def _all_but_widest(variances: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """valid minus its widest group, (..., G) bool."""
+    rank = np.argsort(np.argsort(np.where(valid, -variances, np.inf), axis=-1), axis=-1)  # 0 = widest
+    return valid & (rank >= 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _spread_null_quantile(dfs: tuple, quantile: float) -> float:
+    """The `quantile` of _mean_over_median over all groups but the widest when every group has the same
+    variance (groups of these degrees of freedom; a fixed Monte-Carlo of 20,000 families: deterministic)."""
+    d = np.array(dfs, dtype=np.float64)
+    draws = np.random.default_rng(0).chisquare(d, size=(20000, d.size)) / d  # (20000, G)
+    return float(np.quantile(_mean_over_median(draws, _all_but_widest(draws, np.ones(draws.shape, bool))), quantile))
+
+
+def moderated_variances(variances, counts, level: float = OUTLIER_LEVEL) -> dict:
+    """Seed variances of the groups of many families, moderated where the family shares a prior.
+
+    variances (..., G) (ddof=1, any value where a group has one seed), counts (G,) seeds per group.
+    The prior is fitted to the groups with >= 2 seeds (first flagged against a robust reference: the
+    lower quartile of the variances), then refitted without the groups whose variance lies above its
+    upper `level` quantile (F(d_g, d0)), until the flags settle. An unflagged group gets the larger of
+    its own s_g^2 and (d0 s0^2 + d_g s_g^2) / (d0 + d_g), with d0 + d_g degrees of freedom; a flagged
+    one keeps its own s_g^2 with d_g. No group shares the prior when
+    fewer than MIN_PRIOR_GROUPS remain to fit it, or when the groups but the widest still differ in
+    spread (mean over median of their variances beyond what equal spread gives at WIDESPREAD_LEVEL).
+    Returns arrays: variance, df, outlier (..., G); shared, prior_var, prior_df (...).
+    """
+    variances = np.asarray(variances, dtype=np.float64)
+    counts = np.asarray(counts)
+    dfs = np.broadcast_to(counts - 1.0, variances.shape)
+    valid = np.broadcast_to(counts >= 2, variances.shape)
+    d = np.maximum(dfs, 1.0)
+    # Robust start: as if every group shared the variance the narrower ones (the lower quartile) show.
+    scaled = np.where(valid, variances * d / sps.chi2.ppf(ROBUST_QUANTILE, d), np.nan)
+    with warnings.catch_warnings():  # a family of one-seed groups has no variance to read: no flag
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reference = np.maximum(np.nanquantile(scaled, ROBUST_QUANTILE, axis=-1), _VARIANCE_FLOOR)[..., None]
+    outlier = valid & (sps.chi2.sf(d * variances / reference, d) < level)
+    for _ in range(10):
+        prior_var, prior_df = _fit_variance_prior(variances, dfs, valid & ~outlier)
+        ratio = np.divide(variances, prior_var[..., None], out=np.zeros_like(variances),
+                          where=prior_var[..., None] > 0)
+        flagged = valid & (sps.f.sf(ratio, d, np.maximum(prior_df, 1.0)[..., None]) < level)
+        if np.array_equal(flagged, outlier):
+            break
+        outlier = flagged
+    # The widest group set aside, do the rest still differ in spread? Then spread is unequal across the
+    # family at large, and a shared prior would understate the wide groups the flags miss: none is shared.
+    valid_dfs = tuple(float(x) for x in (counts[counts >= 2] - 1))
+    widespread = np.zeros(variances.shape[:-1], dtype=bool)
+    if len(valid_dfs) >= MIN_PRIOR_GROUPS:
+        spread = _mean_over_median(variances, _all_but_widest(variances, valid))
+        widespread = spread > _spread_null_quantile(valid_dfs, 1 - WIDESPREAD_LEVEL)
+    shared = ((valid & ~outlier).sum(axis=-1) >= MIN_PRIOR_GROUPS) & ~widespread
+    moderate = shared[..., None] & valid & ~outlier
+    d0 = prior_df[..., None]
+    # Shrunk towards the prior, never below the group's own variance: a wide group whose 3 seeds happened
+    # to agree (and so escaped the flag) keeps what its seeds show.
+    pooled = (d0 * prior_var[..., None] + dfs * variances) / np.maximum(d0 + dfs, 1.0)
+    return {"variance": np.where(moderate, np.maximum(pooled, variances), np.where(valid, variances, np.nan)),
+            "df": np.where(moderate, d0 + dfs, np.where(valid, dfs, 0.0)), "outlier": outlier & shared[..., None],
+            "shared": shared, "prior_var": prior_var, "prior_df": prior_df}
+
+
+def _holm_rows(p_values: np.ndarray) -> np.ndarray:
+    """holm_bonferroni along the last axis of (..., m)."""
+    m = p_values.shape[-1]
+    order = np.argsort(p_values, axis=-1, kind="stable")
+    scaled = (m - np.arange(m)) * np.take_along_axis(p_values, order, axis=-1)
+    adjusted = np.empty_like(p_values)
+    np.put_along_axis(adjusted, order, np.minimum(np.maximum.accumulate(scaled, axis=-1), 1.0), axis=-1)
+    return adjusted
+
+
+def family_tests(means, variances, counts, test_var, *, alpha: float = 0.05, confidence: float = 0.95,
+                 level: float = OUTLIER_LEVEL) -> dict:
+    """Vectorized core of compare_family: every cell of many families against its baseline (group 0).
+
+    means, variances (..., G) per-seed means and variances (ddof=1) of the baseline then C = G - 1 cells,
+    counts (G,) seeds per group, test_var (..., C) test-image variance of each cell's difference.
+    se^2 = v_cell / n_cell + v_base / n_base + test_var with v the moderated_variances; the test's df is
+    the smaller of the two groups' (Hsu's conservative Welch df: never the Satterthwaite estimate, whose
+    noise at Holm's small levels is anti-conservative), and the known test-image term adds none.
+    Holm over the tested cells (both sides with >= 2 seeds) of each family.
+    Returns arrays (..., C): diff, se, df, p_value, p_holm, significant, low, high (interval of diff;
+    NaN where untested), and moderated_variances' arrays; tested (C,).
+    """
+    means = np.asarray(means, dtype=np.float64)
+    counts = np.asarray(counts)
+    moderated = moderated_variances(variances, counts, level)
+    var, df = moderated["variance"], moderated["df"]
+    diff = means[..., 1:] - means[..., :1]
+    se = np.sqrt(var[..., 1:] / counts[1:] + var[..., :1] / counts[0] + np.asarray(test_var, dtype=np.float64))
+    test_df = np.minimum(df[..., 1:], df[..., :1])
+    tested = (counts[1:] >= 2) & (counts[0] >= 2)
+    # se = 0 only when nothing varies: diff 0 gives p = 1, any other diff p = 0.
+    t = np.divide(np.abs(diff), se, out=np.where(np.abs(diff) > 0, np.inf, 0.0), where=se > 0)
+    p_value = np.where(tested, np.minimum(2 * sps.t.sf(t, np.maximum(test_df, 1.0)), 1.0), np.nan)
+    p_holm = np.full_like(p_value, np.nan)
+    p_holm[..., tested] = _holm_rows(p_value[..., tested])
+    half = sps.t.ppf((1 + confidence) / 2, np.maximum(test_df, 1.0)) * se
+    return moderated | {"diff": diff, "se": se, "df": np.where(tested, test_df, np.nan), "p_value": p_value,
+                        "p_holm": p_holm, "significant": tested & (p_holm <= alpha),
+                        "low": np.where(tested, diff - half, np.nan), "high": np.where(tested, diff + half, np.nan),
+                        "tested": tested}
 
 
 def _influence_tables(cms: np.ndarray, metric: str) -> np.ndarray:
@@ -375,47 +563,38 @@ def _seed_groups(y_true, groups: list, metric: str, num_classes: int, names: lis
     return [(v, i.mean(axis=0)) for v, i in zip(np.split(values, bounds), np.split(influence, bounds), strict=True)]
 
 
-def _pooled_seed_variance(groups: Sequence[np.ndarray]) -> tuple[float, int]:
-    """Within-group variance of per-seed values pooled over groups, and its degrees of freedom."""
-    squares = sum(float(np.sum((v - v.mean()) ** 2)) for v in groups)
-    df = sum(v.size - 1 for v in groups)
-    return (squares / df if df else float("nan")), int(df)
+def _group_arrays(base, scored) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-seed values and mean influences of the baseline and the cells -> means (G,), variances (G,)
+    (ddof=1, 0 for one seed), counts (G,) and the test-image variance of each cell's difference (C,)."""
+    groups = [base, *scored]
+    means = np.array([values.mean() for values, _ in groups])
+    variances = np.array([values.var(ddof=1) if values.size > 1 else 0.0 for values, _ in groups])
+    counts = np.array([values.size for values, _ in groups])
+    n = base[1].size
+    test_var = np.array([np.sum((influence - base[1]) ** 2) / n**2 for _, influence in scored])
+    return means, variances, counts, test_var
 
 
-def _verdict(base, cell, seed_var: float, crit: tuple[float, float]) -> dict:
-    """One cell against the baseline: diff, its standard error and interval; untested (with a reason)
-    when either side has one seed. p-values are added for the whole family at once."""
-    (base_values, base_influence), (cell_values, cell_influence) = base, cell
-    n = base_influence.size
-    diff = float(cell_values.mean() - base_values.mean())
-    test_var = float(np.sum((cell_influence - base_influence) ** 2)) / n**2
-    verdict = {"diff": diff, "cell_mean": float(cell_values.mean()), "baseline_mean": float(base_values.mean()),
-               "n_seeds": int(cell_values.size), "n_baseline_seeds": int(base_values.size),
-               "test_se": float(np.sqrt(test_var)), "reason": None}
-    if cell_values.size < 2 or base_values.size < 2:
-        # Test-image interval only: normal approximation with the delta-method standard error.
-        half = crit[1] * verdict["test_se"]
-        reason = ONE_SEED_REASON if cell_values.size < 2 else ONE_BASELINE_SEED_REASON
-        return verdict | {"low": diff - half, "high": diff + half, "se": verdict["test_se"], "reason": reason}
-    se = float(np.sqrt(seed_var * (1 / cell_values.size + 1 / base_values.size) + test_var))
-    half = crit[0] * se
-    return verdict | {"low": diff - half, "high": diff + half, "se": se}
-
-
-def _add_tests(verdicts: dict[str, dict], df: int, alpha: float) -> None:
-    """Two-sided Student-t p-value of every testable cell, Holm over them, significance at alpha."""
-    for verdict in verdicts.values():
-        verdict.update(p_value=None, p_holm=None, significant=False)
-    tested = [v for v in verdicts.values() if v["reason"] is None]
-    if not tested:
-        return
-    diff = np.abs([v["diff"] for v in tested])
-    se = np.array([v["se"] for v in tested])
-    # se = 0 only when nothing varies: diff 0 gives p = 1, any other diff p = 0.
-    t = np.divide(diff, se, out=np.where(diff > 0, np.inf, 0.0), where=se > 0)
-    p_values = np.minimum(2 * sps.t.sf(t, df), 1.0)
-    for verdict, p, p_holm in zip(tested, p_values, holm_bonferroni(p_values), strict=True):
-        verdict.update(p_value=float(p), p_holm=float(p_holm), significant=bool(p_holm <= alpha))
+def _verdict(tests: dict, c: int, counts: np.ndarray, crit: float) -> dict:
+    """Cell c's verdict from family_tests' arrays (F = 1); untested (with a reason) when either side has
+    one seed: then the interval is the test-image one (normal, delta method)."""
+    diff, test_se = float(tests["diff"][c]), float(np.sqrt(tests["test_var"][c]))
+    own = [bool(tests["outlier"][g]) or not bool(tests["shared"]) for g in (0, c + 1)]
+    verdict = {"diff": diff, "cell_mean": float(tests["means"][c + 1]), "baseline_mean": float(tests["means"][0]),
+               "n_seeds": int(counts[c + 1]), "n_baseline_seeds": int(counts[0]), "test_se": test_se,
+               "reason": None, "p_value": None, "p_holm": None, "significant": False, "df": None,
+               "seed_sd": None, "baseline_seed_sd": None, "method": None}
+    if not tests["tested"][c]:
+        reason = ONE_SEED_REASON if counts[c + 1] < 2 else ONE_BASELINE_SEED_REASON
+        return verdict | {"low": diff - crit * test_se, "high": diff + crit * test_se, "se": test_se, "reason": reason,
+                          "method": IMAGE_INTERVAL_METHOD}
+    return verdict | {
+        "low": float(tests["low"][c]), "high": float(tests["high"][c]), "se": float(tests["se"][c]),
+        "p_value": float(tests["p_value"][c]), "p_holm": float(tests["p_holm"][c]),
+        "significant": bool(tests["significant"][c]), "df": float(tests["df"][c]),
+        "seed_sd": float(np.sqrt(tests["variance"][c + 1])), "baseline_seed_sd": float(np.sqrt(tests["variance"][0])),
+        "method": WELCH_METHOD if any(own) else MODERATED_METHOD,
+    }
 
 
 def compare_family(
@@ -427,6 +606,7 @@ def compare_family(
     alpha: float = 0.05,
     confidence: float = 0.95,
     num_classes: int = NUM_CLASSES,
+    outlier_level: float = OUTLIER_LEVEL,
 ) -> dict[str, dict]:
     """Which cells of a declared family differ from their baseline, given training seeds AND test images?
 
@@ -434,48 +614,57 @@ def compare_family(
     test images y_true. For a cell with values c_1..c_Sc (one per seed) and a baseline with b_1..b_Sb:
 
     - diff = mean(c) - mean(b);
-    - seed variance s^2: within-group variance of the per-seed values, pooled over the baseline and
-      every cell of the family (df = sum of (seeds - 1)). Pooling assumes that the spread between
-      seeds is about the same across one model's grid; it is what gives 3-seed cells a usable test
-      (each cell alone would have df = 2);
+    - seed variances: each group's own (ddof=1) moderated by empirical Bayes (Smyth 2004): shrunk towards
+      a prior fitted to the family's groups, except groups whose spread that prior cannot explain
+      (moderated_variances: the prior is refitted without them; they keep their own variance and degrees
+      of freedom). Spread can differ between cells (strong augmentation at a short budget spreads seeds
+      far more than the baseline): a pooled variance would understate a wide cell's standard error;
     - test-image variance v: delta-method (influence-function) variance of the difference of
       seed-mean metrics over resampled test images, with the trained models fixed. It is analytic
       and deterministic, and agrees with the bootstrap and jackknife;
-    - t = diff / sqrt(s^2 (1/Sc + 1/Sb) + v), Student t with df degrees of freedom; two-sided p.
+    - t = diff / sqrt(s_c^2 / Sc + s_b^2 / Sb + v), Student t with the smaller of the two groups'
+      degrees of freedom (v, being known, adds none); two-sided p (family_tests).
 
-    Chosen over a two-level bootstrap because its p-values have no floor (a bootstrap p cannot go
-    below about 2/(B+1), and Holm over 48 cells multiplies that floor by 48), and it costs one pass
-    over the predictions. It is conservative in two places: the per-seed values already carry each
-    model's own test-image noise, which v counts again, and seeds are treated as unpaired (if cell and
-    baseline share a seed's initialization, their positive correlation only widens the interval).
+    Analytic rather than a two-level bootstrap: its p-values have no floor (a bootstrap p cannot go
+    below about 2/(B+1), and Holm over 48 cells multiplies that floor by 48). Conservative in two places:
+    the per-seed values already carry each model's own test-image noise, which v counts again, and seeds
+    are treated as unpaired.
 
     Holm's correction runs over the tested cells of this family: the family is the mapping passed in,
     so a cell's verdict is the same wherever that family is shown. A cell or baseline with one seed
-    is never tested: its verdict carries the test-image interval (normal, delta method), p_value and
-    p_holm None, significant False and a reason. No randomness: same inputs, same verdicts.
+    is never tested: its verdict carries the test-image interval (normal, delta method), p_value,
+    p_holm and df None, significant False and a reason. No randomness: same inputs, same verdicts.
 
     Returns {cell name: verdict}; each verdict has diff, low, high (confidence interval of diff),
     se, test_se, p_value, p_holm, significant, cell_mean, baseline_mean, n_seeds, n_baseline_seeds,
-    reason (None or why untested), seed_sd and df (pooled), family_size (cells passed),
-    family_tested (cells in Holm's correction), alpha, confidence, metric and method.
+    reason (None or why untested), df (the test's), seed_sd and baseline_seed_sd (the variances used),
+    method (MODERATED_METHOD, WELCH_METHOD where either side keeps its own variance, or
+    IMAGE_INTERVAL_METHOD where untested), and for the
+    family: outliers (names of the groups that keep their own variance, "baseline" included),
+    shared_prior (whether any group was moderated), prior_sd and prior_df, family_size (cells passed),
+    family_tested (cells in Holm's correction), alpha, confidence, metric and family_method.
     """
     _check_metric(metric)
     require(0.0 < alpha < 1.0, f"alpha must lie in (0, 1), got {alpha}")
     require(0.0 < confidence < 1.0, f"confidence must lie in (0, 1), got {confidence}")
+    require(0.0 <= outlier_level < 1.0, f"outlier_level must lie in [0, 1), got {outlier_level}")
     names = list(cells)
     base, *scored = _seed_groups(y_true, [baseline_preds, *cells.values()], metric, num_classes,
                                  ["baseline_preds", *(f"cells[{name!r}]" for name in names)])
-    seed_var, df = _pooled_seed_variance([base[0]] + [values for values, _ in scored])
-    # Interval half-widths in standard errors: Student t for tested cells (df = 0: none is tested),
-    # normal for the test-image-only intervals of one-seed cells.
-    crit = (float(sps.t.ppf((1 + confidence) / 2, max(df, 1))), float(sps.norm.ppf((1 + confidence) / 2)))
-    verdicts = {name: _verdict(base, group, seed_var, crit) for name, group in zip(names, scored, strict=True)}
-    _add_tests(verdicts, df, alpha)
-    shared = {"seed_sd": float(np.sqrt(seed_var)) if df else None, "df": df, "family_size": len(cells),
-              "family_tested": sum(v["p_value"] is not None for v in verdicts.values()), "alpha": float(alpha),
-              "confidence": float(confidence), "metric": metric, "method": FAMILY_METHOD}
+    means, variances, counts, test_var = _group_arrays(base, scored)
+    tests = family_tests(means, variances, counts, test_var, alpha=alpha, confidence=confidence, level=outlier_level)
+    tests |= {"means": means, "test_var": test_var}
+    crit = float(sps.norm.ppf((1 + confidence) / 2))
+    verdicts = {name: _verdict(tests, c, counts, crit) for c, name in enumerate(names)}
+    shared = bool(tests["shared"])
+    outliers = [name for name, flag in zip(["baseline", *names], tests["outlier"], strict=True) if flag]
+    family = {"outliers": outliers, "shared_prior": shared,
+              "prior_sd": float(np.sqrt(tests["prior_var"])) if shared else None,
+              "prior_df": float(tests["prior_df"]) if shared else None, "family_size": len(cells),
+              "family_tested": int(np.sum(tests["tested"])), "alpha": float(alpha), "confidence": float(confidence),
+              "metric": metric, "family_method": FAMILY_METHOD}
     for verdict in verdicts.values():
-        verdict.update(shared)
+        verdict.update(family)
     return verdicts
 
 
@@ -486,6 +675,40 @@ def compare_groups(y_true, preds_a, preds_b, **options) -> dict:
     mean(b) - mean(a) and the seed variance is pooled over the two groups.
     """
     return compare_family(y_true, preds_a, {"b": preds_b}, **options)["b"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A cell's own interval: seeds and test images
+
+SEEDS_AND_IMAGES = "seeds and test images"
+IMAGES_ONLY = "test images only (one seed: seed noise not included)"
+
+
+def cell_estimate(y_true, preds, *, metric: str = "f1_macro", confidence: float = 0.95,
+                  num_classes: int = NUM_CLASSES) -> dict:
+    """Mean metric of a cell's seeds with an interval for what a new seed on new test images would average.
+
+    preds holds one prediction array per training seed on the same test images. With 2+ seeds: mean
+    +- t(n - 1) * sqrt(s^2 / n + v), s^2 the variance over seeds and v the delta-method test-image
+    variance of the seed mean (the seeds share one test set, so a t-interval over seeds alone misses
+    how that test set itself fell); kind SEEDS_AND_IMAGES. With one seed: the normal test-image
+    interval, which says nothing about seed noise; kind IMAGES_ONLY. Returns mean, low, high, n,
+    seed_sd (None for one seed), test_se, df (None for one seed), confidence, metric and kind.
+    """
+    _check_metric(metric)
+    require(0.0 < confidence < 1.0, f"confidence must lie in (0, 1), got {confidence}")
+    [(values, influence)] = _seed_groups(y_true, [preds], metric, num_classes, ["preds"])
+    n, mean = values.size, float(values.mean())
+    test_var = float(np.sum(influence**2)) / influence.size**2
+    out = {"mean": mean, "n": int(n), "test_se": float(np.sqrt(test_var)), "confidence": float(confidence),
+           "metric": metric}
+    if n == 1:
+        half = float(sps.norm.ppf((1 + confidence) / 2)) * np.sqrt(test_var)
+        return out | {"low": mean - half, "high": mean + half, "seed_sd": None, "df": None, "kind": IMAGES_ONLY}
+    seed_var = float(values.var(ddof=1))
+    half = float(sps.t.ppf((1 + confidence) / 2, n - 1)) * np.sqrt(seed_var / n + test_var)
+    return out | {"low": mean - half, "high": mean + half, "seed_sd": float(np.sqrt(seed_var)), "df": n - 1,
+                  "kind": SEEDS_AND_IMAGES}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -577,13 +800,16 @@ def seeds_for_effect(
 # ----------------------------------------------------------------------------------------------------
 # Flags for reports: at chance, still improving
 
-# Still improving: the last epoch beats every earlier one by more than this much validation macro-F1.
-# Half a point is below the augmentation effects under study (0.01-0.05): augmented cells converge
-# more slowly, so a budget that still moves a run by more than this can pass for an effect. A run cut
-# short gains far more (0.04 -> 0.35 -> 0.64); an annealed schedule's last epoch far less. With a
-# constant learning rate, epoch-to-epoch jitter of a converged run can set the flag by chance: a
-# false warning, the safe side.
+# Still improving: validation macro-F1's trend over the last epochs (the last half, at least
+# TREND_MIN_EPOCHS) rises beyond the run's own epoch-to-epoch noise (one-sided t test of the
+# least-squares slope at STILL_IMPROVING_LEVEL, noise from the residuals about the line). Runs with
+# fewer epochs use the last epoch's gain over the best earlier one against STILL_IMPROVING_GAIN.
+TREND_MIN_EPOCHS = 5
+STILL_IMPROVING_LEVEL = 0.05
 STILL_IMPROVING_GAIN = 0.005
+# A learning rate that ends below this share of its largest value over the last epochs is annealing:
+# the rise it brings (one-cycle, cosine) is the schedule finishing, not a budget cut short.
+ANNEALED_SHARE = 0.5
 
 
 def _random_predictor_f1(labels: np.ndarray, draw, n_sim: int, num_classes: int) -> np.ndarray:
@@ -628,23 +854,60 @@ def _chance_band(label_bytes: bytes, seed: int, quantile: float, n_sim: int, num
     return max(constant, float(np.quantile(uniform, quantile)), float(np.quantile(matched, quantile)))
 
 
-def at_chance(f1: float, y_true, **options) -> bool:
-    """Is this macro-F1 within the chance band of these test labels? options go to chance_band."""
-    return bool(f1 <= chance_band(y_true, **options))
+def at_chance(f1: float, y_true, *, low: float | None = None, **options) -> bool:
+    """Is this macro-F1 not distinguishable from chance on these test labels?
+
+    True when the estimate, or the lower end `low` of its interval when given, lies within the chance
+    band (chance_band; options go to it): a cell whose interval reaches the band may have learned
+    nothing, and is never to be named best or most robust.
+    """
+    judged = f1 if low is None else min(f1, low)
+    return bool(judged <= chance_band(y_true, **options))
 
 
-def still_improving(val_f1_history: Sequence[float], threshold: float = STILL_IMPROVING_GAIN) -> bool:
-    """Was validation macro-F1 still rising at the last epoch?
+def still_improving(val_f1_history: Sequence[float], threshold: float = STILL_IMPROVING_GAIN, *,
+                    lrs: Sequence[float] | None = None) -> bool:
+    """Was validation macro-F1 still rising over the last epochs, beyond the run's own noise?
 
-    True when the last epoch beats the best earlier epoch by more than threshold (default
-    STILL_IMPROVING_GAIN), or when there is only one epoch (nothing says it converged).
+    With TREND_MIN_EPOCHS or more epochs: the least-squares slope over the last half of the epochs
+    (at least TREND_MIN_EPOCHS) is tested against the scatter of those epochs about their line
+    (one-sided t, level STILL_IMPROVING_LEVEL). lrs, the learning rate of each epoch (the history's
+    "lr"), makes the flag aware of the schedule: when the rate falls below ANNEALED_SHARE of its
+    largest value over those epochs, the rise is the annealing's and the run is not flagged. Fewer
+    epochs: the last epoch beats the best earlier one by more than threshold; one epoch: True
+    (nothing says it converged).
     """
     history = np.asarray(val_f1_history, dtype=np.float64)
     require(history.ndim == 1 and history.size > 0, "still_improving needs at least one epoch's validation F1")
     require(bool(np.all(np.isfinite(history))), "validation F1 values must be finite")
+    require(lrs is None or len(lrs) == history.size,
+            f"lrs must give one learning rate per epoch ({history.size}), got {None if lrs is None else len(lrs)}")
     if history.size == 1:
         return True
-    return bool(history[-1] - history[:-1].max() > threshold)
+    if history.size < TREND_MIN_EPOCHS:
+        return bool(history[-1] - history[:-1].max() > threshold)
+    window = max(TREND_MIN_EPOCHS, history.size // 2)
+    if lrs is not None:
+        recent = np.asarray(lrs, dtype=np.float64)[-window:]
+        if recent[-1] < ANNEALED_SHARE * recent.max():
+            return False
+    return bool(trend_t(history[-window:]) > sps.t.ppf(1 - STILL_IMPROVING_LEVEL, window - 2))
+
+
+def trend_t(values) -> np.ndarray:
+    """t statistic of the least-squares slope of values (..., k) against 0, 1, .., k-1 (k >= 3) -> (...).
+
+    Residual scatter about the line estimates the noise (k - 2 degrees of freedom); a perfectly straight
+    rise is +inf, a flat line 0.
+    """
+    y = np.asarray(values, dtype=np.float64)
+    k = y.shape[-1]
+    x = np.arange(k) - (k - 1) / 2
+    sxx = float(np.sum(x**2))
+    slope = (y @ x) / sxx
+    residuals = y - y.mean(axis=-1, keepdims=True) - slope[..., None] * x
+    se = np.sqrt(np.sum(residuals**2, axis=-1) / (k - 2) / sxx)
+    return np.divide(slope, se, out=np.where(slope > 0, np.inf, np.where(slope < 0, -np.inf, 0.0)), where=se > 1e-15)
 
 
 def format_estimate(est: float, low: float, high: float, digits: int = 3) -> str:

@@ -18,6 +18,7 @@ import experiments
 import pipeline
 import reports
 import runs
+import stats
 from config import ConfigError, TrainConfig
 
 # Tiny runs: a few hundred synthetic images, one or two epochs, CPU.
@@ -142,9 +143,10 @@ def test_grid_summary_and_figures(project_dirs):
     assert (augmented["note"] == "one seed: seed variation unknown").all()
     markdown, csv_path = reports.write_summary(frame)
     assert "synthetic SVHN (not real data)" in markdown and csv_path.exists()
-    assert "Family: Holm over the 0 tested cell(s)" in markdown
+    assert "No cell is tested: a verdict needs at least 2 seeds" in markdown and "Holm over" not in markdown
+    assert "(images only)" in markdown and (table["ci_kind"] == stats.IMAGES_ONLY).all()
     for _, row in augmented.iterrows():  # flags come before verdicts in the conclusions
-        expected = "at chance" if row["at_chance"] else "not tested (one seed"
+        expected = "not distinguishable from chance" if row["at_chance"] else "no verdict (one seed"
         assert expected in reports.conclusion(row) and reports.conclusion(row) in markdown
     paths = reports.figures(frame)
     names = {p.name for p in paths}

@@ -393,35 +393,67 @@ def jackknife_se_of_difference(y, baseline, cell, metric):
 
 
 def test_family_verdict_equals_the_formula_from_scikit_learn_scores():
+    """Three groups are too few to fit a prior: every cell is compared Welch-style with scikit-learn's
+    per-seed scores, the jackknife's test-image variance and the smaller group's degrees of freedom."""
     rng = np.random.default_rng(20)
-    y, base, cells = simulate_family(rng, 1500, 3, 3, seed_sd=0.02, effect=0.03)
-    cells["two seeds"] = cells.pop("cell 2")[:2]
+    y, base, cells = simulate_family(rng, 1500, 2, 3, seed_sd=0.02, effect=0.03)
+    cells["cell 1"] = cells["cell 1"][:2]
     verdicts = stats.compare_family(y, base, cells)
     scores = {name: np.array([sk_f1(y, p) for p in preds]) for name, preds in cells.items()}
     base_scores = np.array([sk_f1(y, p) for p in base])
-    groups = [base_scores, *scores.values()]
-    df = sum(g.size - 1 for g in groups)
-    seed_var = sum(np.sum((g - g.mean()) ** 2) for g in groups) / df
-    assert df == 2 + 2 + 2 + 1
     for name, v in verdicts.items():
         diff = scores[name].mean() - base_scores.mean()
         test_se = jackknife_se_of_difference(y, base, cells[name], "f1_macro")
-        se = np.sqrt(seed_var * (1 / scores[name].size + 1 / 3) + v["test_se"] ** 2)
+        se = np.sqrt(scores[name].var(ddof=1) / scores[name].size + base_scores.var(ddof=1) / 3 + v["test_se"] ** 2)
+        df = min(scores[name].size, 3) - 1
         assert v["diff"] == pytest.approx(diff, abs=1e-12)
         assert v["cell_mean"] == pytest.approx(scores[name].mean())
         assert v["baseline_mean"] == pytest.approx(base_scores.mean())
         assert v["test_se"] == pytest.approx(test_se, rel=0.02)  # delta method vs jackknife
-        assert v["seed_sd"] == pytest.approx(np.sqrt(seed_var)) and v["df"] == df
+        assert v["seed_sd"] == pytest.approx(scores[name].std(ddof=1))
+        assert v["baseline_seed_sd"] == pytest.approx(base_scores.std(ddof=1))
+        assert v["df"] == df and v["method"] == stats.WELCH_METHOD
         assert v["se"] == pytest.approx(se)
         assert v["p_value"] == pytest.approx(2 * sps.t.sf(abs(diff) / se, df))
         half = sps.t.ppf(0.975, df) * se
         assert (v["low"], v["high"]) == (pytest.approx(diff - half), pytest.approx(diff + half))
         assert (v["n_seeds"], v["n_baseline_seeds"]) == (scores[name].size, 3)
-        assert v["reason"] is None and v["family_size"] == v["family_tested"] == 3
+        assert v["reason"] is None and v["family_size"] == v["family_tested"] == 2
+        assert v["shared_prior"] is False and v["outliers"] == [] and v["prior_sd"] is None
     np.testing.assert_allclose([v["p_holm"] for v in verdicts.values()],
                                stats.holm_bonferroni([v["p_value"] for v in verdicts.values()]))
     assert [v["significant"] for v in verdicts.values()] == [v["p_holm"] <= 0.05 for v in verdicts.values()]
     json.dumps(verdicts)
+
+
+def test_equal_spread_shares_the_pooled_variance():
+    """Many groups of equal spread: the prior is the pooled variance with the family's degrees of freedom,
+    and each cell's variance is the moderated one, never below its own."""
+    rng = np.random.default_rng(31)
+    y, base, cells = simulate_family(rng, 1500, 9, 3, seed_sd=0.01, effect=0.0)
+    verdicts = stats.compare_family(y, base, cells)
+    groups = [np.array([sk_f1(y, p) for p in preds]) for preds in [base, *cells.values()]]
+    pooled = np.mean([g.var(ddof=1) for g in groups])
+    one = next(iter(verdicts.values()))
+    assert one["shared_prior"] is True and one["outliers"] == []
+    assert one["prior_sd"] == pytest.approx(np.sqrt(pooled)) and one["prior_df"] == 20
+    for group, v in zip(groups[1:], verdicts.values(), strict=True):
+        moderated = max(group.var(ddof=1), (20 * pooled + 2 * group.var(ddof=1)) / 22)
+        assert v["seed_sd"] == pytest.approx(np.sqrt(moderated))
+        assert v["df"] == 22 and v["method"] == stats.MODERATED_METHOD
+
+
+def test_a_wide_cell_keeps_its_own_variance_and_is_named():
+    rng = np.random.default_rng(32)
+    y, base, cells = simulate_family(rng, 1500, 9, 3, seed_sd=0.01, effect=0.0)
+    # Three seeds of a cell spread over 0.6-0.9 macro-F1 on the same images.
+    cells["wide"] = [np.where(rng.random(y.size) < q, y, (y + 1) % K) for q in (0.6, 0.75, 0.9)]
+    verdicts = stats.compare_family(y, base, cells)
+    wide = verdicts["wide"]
+    assert wide["outliers"] == ["wide"] and wide["method"] == stats.WELCH_METHOD and wide["df"] == 2
+    values = np.array([sk_f1(y, p) for p in cells["wide"]])
+    assert wide["seed_sd"] == pytest.approx(values.std(ddof=1))
+    assert all(v["method"] == stats.MODERATED_METHOD for name, v in verdicts.items() if name != "wide")
 
 
 @pytest.mark.parametrize("metric", ["f1_macro", "accuracy"])
@@ -454,7 +486,12 @@ def test_holm_runs_within_the_declared_family():
     alone = stats.compare_family(y, base, {"cell 0": cells["cell 0"]})["cell 0"]
     assert alone["family_size"] == 1 and whole["cell 0"]["family_size"] == 4
     assert alone["p_holm"] == pytest.approx(alone["p_value"])
-    assert whole["cell 0"]["p_holm"] >= alone["p_holm"]
+    np.testing.assert_allclose([v["p_holm"] for v in whole.values()],
+                               stats.holm_bonferroni([v["p_value"] for v in whole.values()]))
+    reordered = stats.compare_family(y, base, dict(reversed(cells.items())))
+    for name, v in whole.items():
+        assert reordered[name]["p_holm"] == pytest.approx(v["p_holm"])
+        assert reordered[name]["se"] == pytest.approx(v["se"])
 
 
 @pytest.mark.parametrize("seed_sd", [0.01, 0.03])
@@ -500,7 +537,7 @@ def test_single_seed_cells_are_never_flagged():
     """(c) Even a 0.80 -> 0.95 jump: one seed says nothing about seed variation, so no verdict of difference."""
     rng = np.random.default_rng(26)
     for _ in range(5):
-        y, base, cells = simulate_family(rng, 2000, 4, 3, seed_sd=0.02, effect=0.15)
+        y, base, cells = simulate_family(rng, 2000, 6, 3, seed_sd=0.02, effect=0.15)
         cells["cell 0"] = cells["cell 0"][:1]
         cells["cell 1"] = cells["cell 1"][0]  # one bare array is one seed too
         verdicts = stats.compare_family(y, base, cells)
@@ -514,14 +551,14 @@ def test_single_seed_cells_are_never_flagged():
                                              pytest.approx(v["diff"] + z * v["test_se"]))
             assert v["low"] > 0
         assert verdicts["cell 2"]["significant"] and verdicts["cell 3"]["significant"]
-        assert all(v["family_tested"] == 2 for v in verdicts.values())
+        assert all(v["family_tested"] == 4 for v in verdicts.values())
         one_base = stats.compare_family(y, base[:1], {"cell 2": cells["cell 2"]})["cell 2"]
         assert one_base["significant"] is False and one_base["reason"] == stats.ONE_BASELINE_SEED_REASON
         # A grid run with one seed everywhere (like the ResNet grid): intervals only, no seed spread known.
         single = stats.compare_family(y, base[:1], {name: preds[:1] for name, preds in cells.items() if
                                                     name != "cell 1"})
         assert not any(v["significant"] for v in single.values())
-        assert all(v["family_tested"] == 0 and v["df"] == 0 and v["seed_sd"] is None for v in single.values())
+        assert all(v["family_tested"] == 0 and v["df"] is None and v["seed_sd"] is None for v in single.values())
 
 
 def test_compare_groups_is_a_family_of_one():
