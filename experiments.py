@@ -83,7 +83,8 @@ def cmd_tune(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    table = pipeline.distill(args.teacher, args.student, args.temperature, args.alpha, epochs=args.epochs,
+    table = pipeline.distill(args.teacher, args.student, args.temperature, args.alpha, seeds=args.seeds,
+                             epochs=args.epochs,
                              dataset=args.dataset, preset=args.preset, n_train=args.n_train, device=args.device,
                              quiet=args.quiet,
                              severities=tuple(args.severities))
@@ -184,6 +185,8 @@ def _add_tune_and_distill(sub) -> None:
     p.add_argument("--student", choices=config.MODELS, default="simplecnn", help="the student network")
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
     p.add_argument("--alpha", type=float, default=0.7, help="weight of the distillation term")
+    p.add_argument("--seeds", nargs="+", type=int, help=f"training seeds of each student (default: "
+                   f"{pipeline.COMPARISON_SEEDS} from the teacher's seed on; one seed gives no verdict)")
     p.add_argument("--epochs", type=at_least(1), help="student epochs (default: the teacher's)")
     p.add_argument("--n-train", type=at_least(config.MIN_IMAGES), help="student train images (default: the "
                    "teacher's; the test images are always the teacher's, so that the three compare)")
@@ -196,7 +199,8 @@ def _add_tune_and_distill(sub) -> None:
 def _add_presets_and_study(sub) -> None:
     p = _subcommand(sub, "presets", cmd_presets, "train the original and the strong preset side by side")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds of each preset")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(pipeline.COMPARISON_SEEDS)),
+                   help="training seeds of each preset (one seed gives no verdict)")
     p.add_argument("--n-train", type=int, default=6000, help="train images (stratified subset)")
     p.add_argument("--n-test", type=int, default=2000, help="test images (stratified subset)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of every run")

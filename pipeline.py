@@ -397,17 +397,24 @@ def best_run_id(model: str = "resnet18", dataset: str | None = None) -> str:
     return max(runs_["report"], key=best_val_f1)["run_id"]
 
 
+# Seeds of each arm of a comparison (distillation, presets): the fewest with which a verdict can be read.
+COMPARISON_SEEDS = 3
+
+
 def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, alpha: float = 0.7, *,
-            epochs: int | None = None, dataset: str | None = None, preset: str | None = None,
+            seeds=None, epochs: int | None = None, dataset: str | None = None, preset: str | None = None,
             n_train: int | None = None, device: str = "auto", quiet: bool = False,
             severities=DEFAULT_SEVERITIES) -> dict:
-    """Train ``student`` from a frozen teacher (same augmented batch), and the same student alone.
+    """Train ``student`` from a frozen teacher (same augmented batch), and the same student alone, each
+    with every one of ``seeds`` (default: COMPARISON_SEEDS seeds from the teacher's).
 
     The students start from the teacher's settings (``preset`` replaces its optimizer settings,
     ``n_train`` and ``epochs`` its budget); they are tested on the teacher's test images, so that the
     three can be compared. Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE.
-    Writes reports/distillation.json with teacher, distilled student and student alone: macro-F1 with
-    CI, parameters, inference images/s and checkpoint size.
+    Writes reports/distillation.json with teacher, distilled student and student alone (macro-F1 over
+    seeds with its interval, parameters, inference images/s, checkpoint size) and ``difference``: the
+    seed-aware comparison of distilled student and student alone (`stats.compare_groups`), "no verdict"
+    with one seed.
     """
     teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else teacher
     if not report_path(teacher_id).exists():
@@ -416,42 +423,70 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
     load_teacher(teacher_id, "cpu")  # a damaged or replaced teacher model fails here, before any training
     teacher_report = read_report(report_path(teacher_id))
     teacher_cfg = TrainConfig(**teacher_report["config"])
+    seeds = list(dict.fromkeys(seeds)) if seeds else seed_sequence((teacher_cfg.seed,), COMPARISON_SEEDS)
     settings = {**config.PRESETS[preset], "preset": preset} if preset else {}
     student_cfg = dataclasses.replace(teacher_cfg, **settings, model=student, teacher=teacher_id, kd_temperature=T,
                                       kd_alpha=alpha, epochs=epochs or teacher_cfg.epochs,
-                                      n_train=n_train or teacher_cfg.n_train, seed=teacher_cfg.seed)
-    alone_cfg = dataclasses.replace(student_cfg, teacher=None)
-    alone = run(alone_cfg, device=device, quiet=quiet, severities=severities)
-    table = {"dataset": teacher_cfg.dataset, "teacher": teacher_id, "T": T, "alpha": alpha, "note": None}
-    teacher_val, alone_val = best_val_f1(teacher_report), best_val_f1(alone)
+                                      n_train=n_train or teacher_cfg.n_train)
+
+    def train(cfg: TrainConfig) -> list[dict]:
+        return [run(dataclasses.replace(cfg, seed=seed), device=device, quiet=quiet, severities=severities)
+                for seed in seeds]
+
+    alone = train(dataclasses.replace(student_cfg, teacher=None))
+    table = {"dataset": teacher_cfg.dataset, "teacher": teacher_id, "T": T, "alpha": alpha, "seeds": seeds,
+             "note": None, "difference": None}
+    teacher_val, alone_val = best_val_f1(teacher_report), float(np.mean([best_val_f1(r) for r in alone]))
     if teacher_val <= alone_val:  # nothing to transfer: say so rather than train a pointless student
         table["note"] = (f"distillation skipped: the teacher's validation macro-F1 ({teacher_val:.3f}) does not "
-                         f"beat the student trained alone ({alone_val:.3f})")
-        reports_ = {"teacher": teacher_report, "student alone": alone}
+                         f"beat the student trained alone ({alone_val:.3f}, mean over seeds)")
+        groups = {"teacher": [teacher_report], "student alone": alone}
     else:
-        distilled = run(student_cfg, device=device, quiet=quiet, severities=severities)
-        reports_ = {"teacher": teacher_report, "distilled student": distilled, "student alone": alone}
-    table["rows"] = [comparison_row(name, report) for name, report in reports_.items()]
+        distilled = train(student_cfg)
+        groups = {"teacher": [teacher_report], "distilled student": distilled, "student alone": alone}
+        table["difference"] = compared(alone, distilled, "distilled student - student alone")
+    table["rows"] = [seeds_row(name, group) for name, group in groups.items()]
     atomic_write_json(config.REPORTS_DIR / "distillation.json", table)
     return table
+
+
+def seeds_row(name: str, group: list[dict]) -> dict:
+    """One arm of a comparison table (``reports.comparison_row`` of its first seed): macro-F1 as the mean
+    over its seeds with their Student-t interval (one seed: its test-image bootstrap interval), and its
+    seeds' run ids."""
+    row = comparison_row(name, group[0]) | {"n_seeds": len(group), "run_ids": [r["run_id"] for r in group]}
+    if len(group) > 1:
+        summary = seed_summary([r["test"]["f1_macro"] for r in group])
+        row |= {"f1_macro": summary["mean"], "ci_low": summary["ci_low"], "ci_high": summary["ci_high"]}
+    return row
+
+
+def compared(group_a: list[dict], group_b: list[dict], of: str) -> dict:
+    """The seed-aware comparison of two groups of runs on the same test images (`stats.compare_groups`,
+    b - a), with its conclusion in words: "no verdict" when a group has one seed."""
+    y_true = same_test_labels(pd.Series(group_a + group_b))
+    verdict = compare_groups(y_true, _seed_predictions(group_a), _seed_predictions(group_b))
+    if verdict["reason"]:
+        conclusion = f"no verdict: {verdict['reason']}"
+    elif verdict["significant"]:
+        conclusion = "significantly higher" if verdict["diff"] > 0 else "significantly lower"
+    else:
+        conclusion = "no significant difference"
+    return {"of": of, "diff": verdict["diff"], "low": verdict["low"], "high": verdict["high"],
+            "p_value": verdict["p_value"], "significant": verdict["significant"], "note": verdict["reason"],
+            "method": verdict["method"], "conclusion": conclusion}
 
 
 # ---------------------------------------------------------------- presets side by side
 
 
-def compare_presets(presets=("original", "strong"), *, seeds=(0, 1), dataset: str = "synthetic",
+def compare_presets(presets=("original", "strong"), *, seeds=tuple(range(COMPARISON_SEEDS)), dataset: str = "synthetic",
                     device: str = "auto", quiet: bool = False, **sizes) -> dict:
     """Train each preset with the same data, sizes and seeds; the seed-aware comparison on the same
-    test images says whether the last preset beats the first. Written to reports/presets.json."""
+    test images says whether the last preset beats the first ("no verdict" with one seed). Written to
+    reports/presets.json."""
     reports_ = {name: [run(config.preset_config(name, dataset=dataset, seed=seed, **sizes), device=device, quiet=quiet)
                        for seed in seeds] for name in presets}
-    everything = pd.Series([r for group in reports_.values() for r in group])
-    y_true = same_test_labels(everything)
-
-    def preds(name):
-        return [parse_digits(r["test_predictions"]) for r in reports_[name]]
-
-    verdict = compare_groups(y_true, preds(presets[0]), preds(presets[-1]))
     rows = []
     for name in presets:
         summary = seed_summary([r["test"]["f1_macro"] for r in reports_[name]])
@@ -460,10 +495,7 @@ def compare_presets(presets=("original", "strong"), *, seeds=(0, 1), dataset: st
                      "per_seed": [r["test"]["f1_macro"] for r in reports_[name]],
                      "run_ids": [r["run_id"] for r in reports_[name]]})
     table = {"dataset": dataset, "sizes": sizes, "seeds": list(seeds), "rows": rows,
-             "difference": {"of": f"{presets[-1]} - {presets[0]}", "diff": verdict["diff"], "low": verdict["low"],
-                            "high": verdict["high"], "p_value": verdict["p_value"],
-                            "significant": verdict["significant"], "note": verdict["reason"],
-                            "method": verdict["method"]}}
+             "difference": compared(reports_[presets[0]], reports_[presets[-1]], f"{presets[-1]} - {presets[0]}")}
     atomic_write_json(config.REPORTS_DIR / "presets.json", table)
     return table
 
@@ -584,7 +616,8 @@ def run_study(dataset: str = "synthetic", quick: bool = False, *, device: str = 
          queue_name=study_queue(dataset, quick, "simplecnn-grid"), **common)
     if plan.extra_stages:
         on_step("no-flip variants and learned policies")
-        grid(("simplecnn",), plan.extra_stages, (1.0,), plan.seeds, base=simple,
+        # With p_aug 0: the no-augmentation baseline (the grid's runs, reused) belongs to this plan too.
+        grid(("simplecnn",), plan.extra_stages, (0.0, 1.0), plan.seeds, base=simple,
              queue_name=study_queue(dataset, quick, "simplecnn-extra"), **common)
     if plan.large_model is None:
         on_step("ResNet18Cifar grid, tuning, final model and distillation: left out of this plan (they need a "

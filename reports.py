@@ -166,6 +166,16 @@ def complete_plans(frame: pd.DataFrame) -> dict[str, dict]:
     return {plan_id: plan for plan_id, plan in plans.items() if set(plan["run_ids"]) <= present}
 
 
+def plan_cells(table: pd.DataFrame, family: list[dict]) -> pd.DataFrame:
+    """The summarize() rows of the declared family whose runs are ``family`` (the reports one
+    ``pipeline.grid`` call returned for one model)."""
+    ids = {report["run_id"] for report in family}
+    plans = [plan["id"] for report in family for plan in report_plans(report) if set(plan["run_ids"]) == ids]
+    config.require(bool(plans), "these runs are not the runs of one declared plan: pass the reports that one "
+                                "pipeline.grid call returned for one model")
+    return table[table["plan"] == plans[0]]
+
+
 def budget_text(train_images: int, epochs: int, seeds: int) -> str:
     """The training budget as figures and tables show it."""
     return f"{train_images:,} train images, {epochs} epoch(s), {seeds} seed(s)"
@@ -265,12 +275,22 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
         "still_improving": any(still_improving([h["val_f1_macro"] for h in r["history"]]) for r in cell["report"]),
     }
     row["corruption_drop"] = row["f1_mean"] - row["corruption_f1"]
+    row["drop_low"], row["drop_high"] = _drop_interval((cell["f1_macro"] - cell["corruption_f1"]).to_numpy())
     if len(cell) == 1:  # one seed: the interval is the bootstrap over test images
         row["ci_low"], row["ci_high"] = float(first["ci_low"]), float(first["ci_high"])
     # A Student-t interval over two or three seeds can reach past the metric's range [0, 1].
     row["ci_low"], row["ci_high"] = max(row["ci_low"], 0.0), min(row["ci_high"], 1.0)
     row.update(_verdict_columns(verdict))
     return row
+
+
+def _drop_interval(drops: np.ndarray) -> tuple[float, float]:
+    """Interval of a cell's mean drop under corruptions from its seeds' drops (each measured on the same
+    images as its clean score), as for the cell's macro-F1; NaN with one seed or no corruption scores."""
+    if drops.size < 2 or np.isnan(drops).any():
+        return np.nan, np.nan
+    summary = seed_summary(drops)
+    return summary["ci_low"], summary["ci_high"]
 
 
 def _verdict_columns(verdict: dict | None) -> dict:
@@ -315,7 +335,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
         tested = int(part["family_size"].max())
         lines += [f"### {viz.dataset_label(dataset)}: {family}", "",
                   "| stage | p_aug | seeds | macro-F1 [95% CI] | diff vs no augmentation [95% CI] | p (Holm) "
-                  "| corruption F1 (drop) | conclusion |",
+                  "| corruption F1 (change [95% CI]) | conclusion |",
                   "|---|---:|---:|---|---|---:|---|---|"]
         lines += [_markdown_row(r) for _, r in part.iterrows()]
         lines += ["", _family_footer(part, tested), ""]
@@ -323,10 +343,17 @@ def summary_markdown(table: pd.DataFrame) -> str:
 
 
 def _family_footer(part: pd.DataFrame, tested: int) -> str:
+    """What the table's verdicts were tested against: its declared family (``tested``: the family's tested
+    cells, some of which a filtered table may not show), or no family at all."""
     if not part["plan"].iloc[0]:
         return ("Not a declared family: these runs were made outside any grid, or the plan that made them has "
                 "runs missing here, so no cell is tested; each macro-F1 carries its interval only.")
-    return f"Family: Holm over the {tested} tested cell(s) of this table, alpha 0.05; {FAMILY_METHOD}"
+    if tested == 0:
+        return ("Family: the plan's cells; none is tested (one seed, or no baseline with more than one), so each "
+                "carries its interval only.")
+    shown = int(part["p_value"].notna().sum())
+    where = "of this table" if shown == tested else f"of its declared family, {shown} of them shown here"
+    return f"Family: Holm over the {tested} tested cell(s) {where}, alpha 0.05; {FAMILY_METHOD}"
 
 
 def _markdown_row(r) -> str:
@@ -342,7 +369,10 @@ def _markdown_row(r) -> str:
 def _corruption_text(r) -> str:
     if np.isnan(r["corruption_f1"]):
         return "not evaluated"
-    return f"{r['corruption_f1']:.3f} ({-r['corruption_drop']:+.3f})"
+    change = -r["corruption_drop"]
+    if np.isnan(r["drop_low"]):
+        return f"{r['corruption_f1']:.3f} ({change:+.3f}, one seed: no interval)"
+    return f"{r['corruption_f1']:.3f} ({format_estimate(change, -r['drop_high'], -r['drop_low'])})"
 
 
 def write_summary(frame: pd.DataFrame | None = None, out_dir: Path | None = None) -> tuple[str, Path]:
