@@ -65,7 +65,7 @@ def test_demo_verdicts_do_not_change_when_another_plan_adds_runs(project_dirs):
     outside = after[after["plan"] == ""]
     assert list(outside["run_ids"]) == [[lone["run_id"]]]
     assert outside["p_value"].isna().all() and not outside["significant"].any()
-    assert reports.conclusion(outside.iloc[0]).endswith(reports.OUTSIDE_PLAN_NOTE)
+    assert outside["note"].iloc[0] == reports.OUTSIDE_PLAN_NOTE
     assert "Not a declared family" in markdown
 
     # best_runs compares within one family: the demo's best cell and its own baseline.
