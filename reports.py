@@ -154,8 +154,20 @@ def family_key(report: dict) -> str:
 
 def report_plans(report: dict) -> list[dict]:
     """The declared plans (one model's family each) a run belongs to: written to it by the grid that ran
-    or reused it."""
-    return report.get(PLANS_FIELD, [])
+    or reused it. A report is input: a plan that is not what `pipeline.declare_plan` writes is refused."""
+    plans = report.get(PLANS_FIELD, [])
+    if not isinstance(plans, list) or not all(_is_plan(plan) for plan in plans):
+        raise ReportError(f"report {report.get('run_id')!r}: its {PLANS_FIELD!r} field is not a list of declared "
+                          "plans; rerun the grid that made it, or delete the field (the run then counts as outside "
+                          "any plan)")
+    return plans
+
+
+def _is_plan(plan) -> bool:
+    lists = ("cells", "first_seeds", "run_ids")
+    return (isinstance(plan, dict) and isinstance(plan.get("id"), str) and all(isinstance(plan.get(k), list)
+                                                                                 for k in lists)
+            and (plan.get("top_up") is None or isinstance(plan["top_up"], dict)))
 
 
 def complete_plans(frame: pd.DataFrame) -> dict[str, dict]:

@@ -12,6 +12,7 @@ import pipeline
 import reports
 import runs
 from config import ConfigError
+from runs import ReportError
 
 # The demo's shape (a baseline and a stage at p_aug 0.5, three seeds, top-up with the quick cap) at the
 # smallest size that trains: the verdicts are whatever they are, the test is that they stay.
@@ -91,4 +92,13 @@ def test_family_key_ignores_settings_that_do_not_change_results():
 def test_plan_cells_refuses_runs_that_are_not_one_plan():
     table = pd.DataFrame({"plan": ["a"]})
     with pytest.raises(ConfigError, match="one declared plan"):
-        reports.plan_cells(table, [{"run_id": "x", "plans": [{"id": "a", "run_ids": ["x", "y"]}]}])
+        plan = {"id": "a", "cells": [["none", 0.0]], "first_seeds": [0], "run_ids": ["x", "y"], "top_up": None}
+        reports.plan_cells(table, [{"run_id": "x", "plans": [plan]}])
+
+
+def test_a_damaged_plans_field_is_refused():
+    plan = {"id": "a", "cells": [["none", 0.0]], "first_seeds": [0], "run_ids": ["r"], "top_up": None}
+    assert reports.report_plans({"run_id": "r", "plans": [plan]}) == [plan]
+    for damaged in ("a", [{"id": 3}], [plan | {"run_ids": "r"}], [plan | {"top_up": 8}]):
+        with pytest.raises(ReportError, match="not a list of declared plans"):
+            reports.report_plans({"run_id": "r", "plans": damaged})
