@@ -14,10 +14,10 @@ import runs
 from config import ConfigError
 from runs import ReportError
 
-# The demo's shape (a baseline and a stage at p_aug 0.5, three seeds, top-up with the quick cap) at the
+# The demo's shape (a baseline and a stage at p_aug 0.5, two first seeds, top-up to the quick cap) at the
 # smallest size that trains: the verdicts are whatever they are, the test is that they stay.
 TINY_PLAN = pipeline.StudyPlan(
-    simple_stages=("stage1_basic",), simple_p_augs=(0.0, 0.5), seeds=(0, 1, 2), extra_stages=(),
+    simple_stages=("stage1_basic",), simple_p_augs=(0.0, 0.5), seeds=(0, 1), extra_stages=(),
     resnet_stages=(), resnet_p_augs=(), simple_epochs=1, resnet_epochs=0, tune_trials=0, tune_epochs=0,
     final_epochs=0, n_train=300, n_test=200, resnet_n_train=None, severities=(), large_model=None,
     batch_size=128, preset="strong", top_up=pipeline.TopUp(seeds_max=pipeline.QUICK_SEEDS_MAX),
@@ -36,7 +36,7 @@ def test_demo_verdicts_do_not_change_when_another_plan_adds_runs(project_dirs):
     frame = reports.load_reports()
     before = reports.summarize(frame)
     assert before["plan"].nunique() == 1 and (before["plan"] != "").all()
-    assert (before["n_seeds"] >= 3).all() and before["n_seeds"].max() <= pipeline.QUICK_SEEDS_MAX
+    assert (before["n_seeds"] >= 2).all() and before["n_seeds"].max() == pipeline.QUICK_SEEDS_MAX  # topped up
     demo_ids = set(frame["run_id"])
 
     # Another plan on the same folder, as the notebooks add: the p_aug 1 cells with the same settings
