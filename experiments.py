@@ -11,6 +11,7 @@ defaults); a flag left out keeps the preset's value.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -56,7 +57,8 @@ def cmd_grid(args) -> None:
     stages = [s + config.NOFLIP_SUFFIX if args.no_hflip and s in config.STAGES[1:] else s for s in args.stages]
     done = pipeline.grid(args.models, stages, args.p_augs, args.seeds, base=config_from_args(args),
                          storage=args.storage, queue_name=args.queue, workers=args.workers, device=args.device,
-                         quiet=args.quiet, heartbeat=args.heartbeat, severities=tuple(args.severities))
+                         quiet=args.quiet, heartbeat=args.heartbeat, severities=tuple(args.severities),
+                         top_up=top_up_from_args(args, pipeline.TopUp()))
     ids = {r["run_id"] for r in done}
     frame = reports.load_reports()
     print(reports.summary_markdown(reports.summarize(frame[frame["run_id"].isin(ids)])))
@@ -82,7 +84,8 @@ def cmd_tune(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    table = pipeline.distill(args.teacher, args.student, args.temperature, args.alpha, epochs=args.epochs,
+    table = pipeline.distill(args.teacher, args.student, args.temperature, args.alpha, seeds=args.seeds,
+                             epochs=args.epochs,
                              dataset=args.dataset, preset=args.preset, n_train=args.n_train, device=args.device,
                              quiet=args.quiet,
                              severities=tuple(args.severities))
@@ -112,8 +115,19 @@ def cmd_eda(args) -> None:
 
 
 def cmd_study(args) -> None:
+    plan = pipeline.study_plan(args.quick)
+    plan = dataclasses.replace(plan, top_up=top_up_from_args(args, plan.top_up))
     print(pipeline.run_study(args.dataset, args.quick, device=args.device, storage=args.storage,
-                             workers=args.workers, quiet=args.quiet, heartbeat=args.heartbeat))
+                             workers=args.workers, quiet=args.quiet, heartbeat=args.heartbeat, plan=plan))
+
+
+def top_up_from_args(args, default: pipeline.TopUp | None) -> pipeline.TopUp | None:
+    """The seed top-up the flags ask for: ``default`` with --seeds-max / --min-effect, None with --no-top-up."""
+    changes = {name: getattr(args, name) for name in ("seeds_max", "min_effect") if getattr(args, name) is not None}
+    if args.no_top_up:
+        config.require(not changes, "--no-top-up contradicts --seeds-max and --min-effect: give one or the other")
+        return None
+    return dataclasses.replace(default or pipeline.TopUp(), **changes)
 
 
 # ---------------------------------------------------------------- the parser
@@ -128,6 +142,16 @@ def _subcommand(sub, name: str, handler, help_text: str) -> argparse.ArgumentPar
 def _heartbeat_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat", type=at_least(0, float, strict=True), default=30.0,
                         help="seconds between worker heartbeats; a cell silent for 4 heartbeats is retried")
+
+
+def _top_up_flags(parser: argparse.ArgumentParser, seeds_max_default: str) -> None:
+    parser.add_argument("--seeds-max", type=at_least(2), help="most seeds in all the seed top-up may give a cell "
+                        f"(default: {seeds_max_default})")
+    parser.add_argument("--min-effect", type=at_least(0, float, strict=True),
+                        help=f"smallest macro-F1 difference the top-up plans seeds to detect "
+                             f"(default: {pipeline.TopUp().min_effect})")
+    parser.add_argument("--no-top-up", action="store_true",
+                        help="run the given seeds only: no seeds added where the first seeds spread widely")
 
 
 def _add_run_and_grid(sub) -> None:
@@ -147,6 +171,7 @@ def _add_run_and_grid(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="training seeds of every cell")
     p.add_argument("--workers", type=workers_count, default=1, help="worker processes on this machine, sharing "
                    "its device (auto: as many runs as fit on the GPU at once, at most 8; 1 on a CPU)")
+    _top_up_flags(p, str(pipeline.TopUp().seeds_max))
 
 
 def _add_tune_and_distill(sub) -> None:
@@ -162,6 +187,8 @@ def _add_tune_and_distill(sub) -> None:
     p.add_argument("--student", choices=config.MODELS, default="simplecnn", help="the student network")
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
     p.add_argument("--alpha", type=float, default=0.7, help="weight of the distillation term")
+    p.add_argument("--seeds", nargs="+", type=int, help=f"training seeds of each student (default: "
+                   f"{pipeline.COMPARISON_SEEDS} from the teacher's seed on; one seed gives no verdict)")
     p.add_argument("--epochs", type=at_least(1), help="student epochs (default: the teacher's)")
     p.add_argument("--n-train", type=at_least(config.MIN_IMAGES), help="student train images (default: the "
                    "teacher's; the test images are always the teacher's, so that the three compare)")
@@ -174,7 +201,8 @@ def _add_tune_and_distill(sub) -> None:
 def _add_presets_and_study(sub) -> None:
     p = _subcommand(sub, "presets", cmd_presets, "train the original and the strong preset side by side")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds of each preset")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(pipeline.COMPARISON_SEEDS)),
+                   help="training seeds of each preset (one seed gives no verdict)")
     p.add_argument("--n-train", type=int, default=6000, help="train images (stratified subset)")
     p.add_argument("--n-test", type=int, default=2000, help="test images (stratified subset)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of every run")
@@ -188,6 +216,7 @@ def _add_presets_and_study(sub) -> None:
     p.add_argument("--storage", help="queue storage (default: reports/optuna.journal)")
     add_device_flags(p)
     _heartbeat_flag(p)
+    _top_up_flags(p, f"{pipeline.TopUp().seeds_max}; with --quick {pipeline.QUICK_SEEDS_MAX}")
 
 
 def _add_queue_and_report_commands(sub) -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 import config
 import visualization as viz
 from atomic_io import atomic_write_text
+from config import TrainConfig
 from data_loading import compute_channel_stats, load_split
 from runs import ReportError, best_val_f1, model_path, parse_digits, read_report, report_path
 from stats import (
@@ -29,7 +30,7 @@ from stats import (
     seed_summary,
     still_improving,
 )
-from work_queue import is_storage, open_storage, reports_from_storage
+from work_queue import is_storage, open_storage, queue_plans, reports_from_storage
 
 
 def grid_queue_name(dataset: str) -> str:
@@ -46,6 +47,11 @@ ROW_COLUMNS = [
 ]
 # What varies between the cells of one grid; every other setting defines the grid's family.
 CELL_VARYING = ("stage", "p_aug", "seed")
+# Settings that change how a run is computed, not the experiment: one family whatever their values.
+HOW_COMPUTED = ("loader", "compile", "num_workers")
+# The report field listing the declared plans a run belongs to (pipeline.declare_plan).
+PLANS_FIELD = "plans"
+OUTSIDE_PLAN_NOTE = "outside any declared plan: interval only, no verdict"
 
 
 # ---------------------------------------------------------------- reports as rows
@@ -70,9 +76,20 @@ def _reports_from_source(source, study_name) -> list[dict]:
     if source is not None:
         _check_source(str(source))
     if source is not None and is_storage(source):
-        return reports_from_storage(open_storage(str(source)), study_name or DEFAULT_QUEUE_NAME)
+        storage, name = open_storage(str(source)), study_name or DEFAULT_QUEUE_NAME
+        return _with_plans(reports_from_storage(storage, name), queue_plans(storage, name))
     folder = Path(source) if source is not None else config.RUNS_DIR
     return [read_report(path) for path in sorted(folder.glob("*.json"))]
+
+
+def _with_plans(reports_: list[dict], plans: list[dict]) -> list[dict]:
+    """Reports stored in a queue with the plans the queue declares (a queue keeps each report as its cell
+    finished, before its plan was complete)."""
+    for report in reports_:
+        known = {plan["id"] for plan in report_plans(report)}
+        extra = [plan for plan in plans if report["run_id"] in plan["run_ids"] and plan["id"] not in known]
+        report[PLANS_FIELD] = report_plans(report) + extra
+    return reports_
 
 
 def _check_source(source: str) -> None:
@@ -141,10 +158,47 @@ def comparison_row(name: str, report: dict) -> dict:
 
 
 def family_key(report: dict) -> str:
-    """Configuration minus stage, p_aug and seed: the cells of one family share a baseline and form
-    one multiple-comparison family (one grid per model and settings, its extra stages included)."""
-    cfg = {k: v for k, v in report["config"].items() if k not in CELL_VARYING}
-    return json.dumps(cfg, sort_keys=True)
+    """The settings that change a run's result (``TrainConfig.identity``) minus stage, p_aug and seed, and
+    minus how it was computed (loader, compile, DataLoader workers): runs that share it belong to one grid
+    of one model and settings, the same experiment."""
+    identity = TrainConfig(**report["config"]).identity()
+    return json.dumps({k: v for k, v in identity.items() if k not in CELL_VARYING + HOW_COMPUTED}, sort_keys=True)
+
+
+def report_plans(report: dict) -> list[dict]:
+    """The declared plans (one model's family each) a run belongs to: written to it by the grid that ran
+    or reused it. A report is input: a plan that is not what `pipeline.declare_plan` writes is refused."""
+    plans = report.get(PLANS_FIELD, [])
+    if not isinstance(plans, list) or not all(_is_plan(plan) for plan in plans):
+        raise ReportError(f"report {report.get('run_id')!r}: its {PLANS_FIELD!r} field is not a list of declared "
+                          "plans; rerun the grid that made it, or delete the field (the run then counts as outside "
+                          "any plan)")
+    return plans
+
+
+def _is_plan(plan) -> bool:
+    lists = ("cells", "first_seeds", "run_ids")
+    return (isinstance(plan, dict) and isinstance(plan.get("id"), str) and all(isinstance(plan.get(k), list)
+                                                                                 for k in lists)
+            and (plan.get("top_up") is None or isinstance(plan["top_up"], dict)))
+
+
+def complete_plans(frame: pd.DataFrame) -> dict[str, dict]:
+    """The plans declared in these reports whose every run is among them, by plan id (a plan with runs
+    missing here cannot give its declared verdicts, so its runs count as outside any plan)."""
+    present = set(frame["run_id"])
+    plans = {plan["id"]: plan for report in frame["report"] for plan in report_plans(report)}
+    return {plan_id: plan for plan_id, plan in plans.items() if set(plan["run_ids"]) <= present}
+
+
+def plan_cells(table: pd.DataFrame, family: list[dict]) -> pd.DataFrame:
+    """The summarize() rows of the declared family whose runs are ``family`` (the reports one
+    ``pipeline.grid`` call returned for one model)."""
+    ids = {report["run_id"] for report in family}
+    plans = [plan["id"] for report in family for plan in report_plans(report) if set(plan["run_ids"]) == ids]
+    config.require(bool(plans), "these runs are not the runs of one declared plan: pass the reports that one "
+                                "pipeline.grid call returned for one model")
+    return table[table["plan"] == plans[0]]
 
 
 def budget_text(train_images: int, epochs: int, seeds: int) -> str:
@@ -159,33 +213,61 @@ def family_label(report: dict) -> str:
             f"{report['sizes']['train']:,} train images, {cfg['epochs']} epoch(s)")
 
 
+def plan_label(plan: dict) -> str:
+    """What a declared plan ran, for a table's heading: its cells and its seeds."""
+    stages = sorted({stage for stage, _ in plan["cells"] if stage != "none"})
+    p_augs = sorted({p_aug for _, p_aug in plan["cells"]})
+    return (f"plan {plan['id']}: {len(stages)} stage(s) x p_aug {', '.join(f'{p:g}' for p in p_augs)}, "
+            f"seeds {', '.join(map(str, plan['first_seeds']))}{_top_up_text(plan)}")
+
+
+def _top_up_text(plan: dict) -> str:
+    top_up = plan["top_up"]
+    if top_up is None:
+        return ", no seed top-up"
+    return (f", topped up to detect {top_up['min_effect']:+g} macro-F1 (cap {top_up['seeds_max']} seeds: "
+            f"{top_up['added']} seed(s) added)")
+
+
 def summarize(frame: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """One row per cell (stage, p_aug within a family): seeds, mean, interval, flags, and the verdict
     of the seed-aware comparison with the family's no-augmentation baseline (stats.compare_family).
 
-    Each family (same settings but stage, p_aug and seed) is one multiple-comparison family: Holm runs
-    over its tested cells, so a cell's verdict is the same in every table or figure showing it.
+    A family is declared by the plan that made its runs (a grid's models x stages x p_augs and its
+    settings, written into each of its reports, see ``pipeline.grid``): Holm runs over its tested cells
+    and nothing else, so adding runs of another plan to the folder never changes its verdicts. A run in
+    several plans (a shared baseline) shows in each plan's table. Runs outside any plan whose runs are
+    all in ``frame`` are grouped by ``family_key`` and shown with intervals and no verdict.
     """
     if frame.empty:
         return pd.DataFrame()
-    frame = frame.assign(family=[family_key(r) for r in frame["report"]])
+    plans = complete_plans(frame)
     rows = []
-    for _, members in frame.groupby("family", sort=False):
-        rows += _family_rows(members, alpha)
+    for plan in plans.values():
+        members = frame[frame["run_id"].isin(plan["run_ids"])]
+        label = f"{family_label(members.iloc[0]['report'])}; {plan_label(plan)}"
+        rows += [row | {"plan": plan["id"]} for row in _family_rows(members, alpha, label, tested=True)]
+    covered = {run for plan in plans.values() for run in plan["run_ids"]}
+    outside = frame[~frame["run_id"].isin(covered)]
+    outside = outside.assign(family=[family_key(r) for r in outside["report"]])
+    for _, members in outside.groupby("family", sort=False):
+        label = f"{family_label(members.iloc[0]['report'])}; runs outside any declared plan"
+        rows += [row | {"plan": ""} for row in _family_rows(members, alpha, label, tested=False)]
     return pd.DataFrame(rows).sort_values(["dataset", "model", "family", "stage", "p_aug"]).reset_index(drop=True)
 
 
-def _family_rows(members: pd.DataFrame, alpha: float) -> list[dict]:
-    """The cells of one family with their verdicts (cells tested on other images are refused)."""
+def _family_rows(members: pd.DataFrame, alpha: float, label: str, *, tested: bool) -> list[dict]:
+    """The cells of one family, with their verdicts when ``tested`` (cells tested on other images are
+    refused)."""
     y_true = same_test_labels(members["report"])
     cells = {key: cell for key, cell in members.groupby(["stage", "p_aug"], sort=False)}
     base = cells.get(("none", 0.0))
     verdicts = {}
-    if base is not None:
+    if tested and base is not None:
         compared = {key: _predictions(cell) for key, cell in cells.items() if key[0] != "none"}
         verdicts = compare_family(y_true, _predictions(base), compared, alpha=alpha) if compared else {}
-    label = family_label(members.iloc[0]["report"])
-    return [_cell_row(cell, verdicts.get(key), y_true, label) for key, cell in cells.items()]
+    rows = [_cell_row(cell, verdicts.get(key), y_true, label) for key, cell in cells.items()]
+    return rows if tested else [row | {"note": OUTSIDE_PLAN_NOTE} for row in rows]
 
 
 def same_test_labels(reports_: pd.Series) -> list[int]:
@@ -210,6 +292,7 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
         "family": family, "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
         "train_images": report["sizes"]["train"], "epochs": first["epochs"], "lr": report["config"]["lr"],
         "teacher": first["teacher"], "stage": first["stage"], "p_aug": first["p_aug"], "n_seeds": len(cell),
+        "run_ids": list(cell["run_id"]),
         "f1_mean": seeds["mean"], "f1_std": seeds["std"],
         "val_f1_mean": float(np.mean([best_val_f1(r) for r in cell["report"]])),
         "corruption_f1": float(cell["corruption_f1"].mean()),
@@ -217,6 +300,7 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
                                                lrs=[h["lr"] for h in r["history"]]) for r in cell["report"]),
     }
     row["corruption_drop"] = row["f1_mean"] - row["corruption_f1"]
+    row["drop_low"], row["drop_high"] = _drop_interval((cell["f1_macro"] - cell["corruption_f1"]).to_numpy())
     if len(cell) == 1:  # one seed: the run's bootstrap over test images, which knows nothing of seed noise
         row |= {"ci_low": float(first["ci_low"]), "ci_high": float(first["ci_high"]), "ci_kind": IMAGES_ONLY}
     else:  # seeds and the shared test set's own luck (stats.cell_estimate)
@@ -228,6 +312,15 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
     row["at_chance"] = at_chance(seeds["mean"], y_true, low=row["ci_low"])
     row.update(_verdict_columns(verdict))
     return row
+
+
+def _drop_interval(drops: np.ndarray) -> tuple[float, float]:
+    """Interval of a cell's mean drop under corruptions from its seeds' drops (each measured on the same
+    images as its clean score), as for the cell's macro-F1; NaN with one seed or no corruption scores."""
+    if drops.size < 2 or np.isnan(drops).any():
+        return np.nan, np.nan
+    summary = seed_summary(drops)
+    return summary["ci_low"], summary["ci_high"]
 
 
 def _verdict_columns(verdict: dict | None) -> dict:
@@ -252,6 +345,8 @@ def conclusion(row) -> str:
     if row["at_chance"]:
         return "not distinguishable from chance (its interval reaches the chance band): no effect can be read"
     flags = "still improving over the last epochs; " if row["still_improving"] else ""
+    if row["note"] == OUTSIDE_PLAN_NOTE:
+        return flags + OUTSIDE_PLAN_NOTE
     if row["stage"] == "none":
         return flags + "baseline"
     if np.isnan(row["diff"]):
@@ -272,7 +367,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
     for (dataset, family), part in table.groupby(["dataset", "family"], sort=False):
         lines += [f"### {viz.dataset_label(dataset)}: {family}", "",
                   "| stage | p_aug | seeds | macro-F1 [95% interval] | diff vs no augmentation [95% CI] | p (Holm) "
-                  "| test (df) | corruption F1 (drop) | conclusion |",
+                  "| test (df) | corruption F1 (change [95% CI]) | conclusion |",
                   "|---|---:|---:|---|---|---:|---|---|---|"]
         lines += [_markdown_row(r) for _, r in part.iterrows()]
         lines += ["", " ".join(family_footer(part)), ""]
@@ -280,7 +375,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
 
 
 def family_footer(part: pd.DataFrame) -> list[str]:
-    """What a family's table holds, in words: the kinds of interval, how many cells were tested and how."""
+    """What one family's table holds, in words: the kinds of interval, which family its verdicts were
+    tested in (its declared plan, some of whose cells a filtered table may not show) and how."""
     kinds = set(part["ci_kind"])
     lines = []
     if SEEDS_AND_IMAGES in kinds:
@@ -289,11 +385,17 @@ def family_footer(part: pd.DataFrame) -> list[str]:
     if IMAGES_ONLY in kinds:
         lines.append("Intervals marked (images only): one seed, so a bootstrap over test images that ignores "
                      "seed noise; such a cell gets no verdict.")
-    tested = int(part["p_value"].notna().sum())
+    if not part["plan"].iloc[0]:
+        lines.append("Not a declared family: these runs were made outside any grid, or the plan that made them "
+                     "has runs missing here, so no cell is tested; each macro-F1 carries its interval only.")
+        return lines
+    tested = int(part["family_size"].max())
     if tested == 0:
         lines.append("No cell is tested: a verdict needs at least 2 seeds in the cell and in its baseline.")
         return lines
-    lines.append(f"Verdicts: Holm over the {tested} tested cell(s) of this table, alpha 0.05; test-image noise "
+    shown = int(part["p_value"].notna().sum())
+    where = "of this table" if shown == tested else f"of its declared family, {shown} of them shown here"
+    lines.append(f"Verdicts: Holm over the {tested} tested cell(s) {where}, alpha 0.05; test-image noise "
                  "counts in every standard error.")
     if not part.loc[part["p_value"].notna(), "shared_prior"].any():
         lines.append("Seed spread differs too much across this family (or it has too few cells) to share: each "
@@ -329,7 +431,10 @@ def _short_method(method: str) -> str:
 def _corruption_text(r) -> str:
     if np.isnan(r["corruption_f1"]):
         return "not evaluated"
-    return f"{r['corruption_f1']:.3f} ({-r['corruption_drop']:+.3f})"
+    change = -r["corruption_drop"]
+    if np.isnan(r["drop_low"]):
+        return f"{r['corruption_f1']:.3f} ({change:+.3f}, one seed: no interval)"
+    return f"{r['corruption_f1']:.3f} ({format_estimate(change, -r['drop_high'], -r['drop_low'])})"
 
 
 def write_summary(frame: pd.DataFrame | None = None, out_dir: Path | None = None) -> tuple[str, Path]:
@@ -350,10 +455,12 @@ def write_summary(frame: pd.DataFrame | None = None, out_dir: Path | None = None
 
 
 def grid_family(cells: pd.DataFrame) -> pd.DataFrame:
-    """The cells of one model's grid: the family (same settings but stage, p_aug and seed) with a
-    no-augmentation baseline and the most cells, so tuned or distilled runs stay off its heatmap."""
-    with_baseline = cells[cells["family"].isin(cells.loc[cells["stage"] == "none", "family"])]
-    pool = with_baseline if not with_baseline.empty else cells
+    """The cells of one model's grid: the declared family with a no-augmentation baseline and the most
+    cells, so tuned or distilled runs and runs outside any plan stay off its heatmap."""
+    planned = cells[cells["plan"] != ""]
+    pool = planned if not planned.empty else cells
+    with_baseline = pool[pool["family"].isin(pool.loc[pool["stage"] == "none", "family"])]
+    pool = with_baseline if not with_baseline.empty else pool
     return pool[pool["family"] == pool["family"].value_counts().idxmax()]
 
 
@@ -383,18 +490,23 @@ def grid_tables(cells: pd.DataFrame) -> dict:
             "n_seeds": int(pd.concat([augmented, base])["n_seeds"].max())}
 
 
-def best_runs(frame: pd.DataFrame, cells: pd.DataFrame, dataset: str, model: str) -> tuple[dict, dict | None]:
-    """The report of the best augmented cell, selected on VALIDATION macro-F1 (mean over seeds; the
-    seed with the best validation score), and the baseline's report. The test set never chooses, and a
+def best_runs(frame: pd.DataFrame, cells: pd.DataFrame) -> tuple[dict, dict | None]:
+    """Within one family (``cells``: summarize() rows of one family; ``frame``: load_reports() rows holding
+    their runs): the report of the best augmented cell, selected on VALIDATION macro-F1 (mean over seeds;
+    the seed with the best validation score), and the baseline's report. The test set never chooses, and a
     cell not distinguishable from chance is never named best (unless every cell is)."""
+    families = cells["family"].unique()
+    config.require(len(families) == 1, f"best_runs compares within one family, got {len(families)}: pass the rows "
+                                       "of one family, e.g. reports.grid_family(table)")
     augmented = cells[(cells["stage"] != "none") & ~cells["at_chance"].astype(bool)]
     pool = augmented if not augmented.empty else cells
     best_cell = pool.sort_values("val_f1_mean", ascending=False).iloc[0]
-    runs_ = frame[(frame["dataset"] == dataset) & (frame["model"] == model) & frame["teacher"].isna()]
-    best = runs_[(runs_["stage"] == best_cell["stage"]) & (runs_["p_aug"] == best_cell["p_aug"])]
-    best_report = max(best["report"], key=best_val_f1)
-    base = runs_[runs_["stage"] == "none"]
-    return best_report, (max(base["report"], key=best_val_f1) if not base.empty else None)
+    by_id = frame.set_index("run_id")["report"]
+    best_report = max((by_id[run] for run in best_cell["run_ids"]), key=best_val_f1)
+    base = cells[cells["stage"] == "none"]
+    if base.empty:
+        return best_report, None
+    return best_report, max((by_id[run] for run in base.iloc[0]["run_ids"]), key=best_val_f1)
 
 
 def run_budget(report: dict, seeds: int = 1) -> str:
@@ -451,7 +563,7 @@ def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list
 
 
 def _best_cell_figures(frame, cells, dataset, model, out_dir) -> list[Path]:
-    best, base = best_runs(frame, cells, dataset, model)
+    best, base = best_runs(frame, cells)
     label = f"{viz.model_label(model)}, {run_label(best)} (best on validation)"
     chance = chance_band(parse_digits(best["test_labels"]))
     budget = run_budget(best)

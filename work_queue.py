@@ -96,6 +96,8 @@ HEARTBEAT_ATTR = "heartbeat"
 WORKER_ATTR = "worker"
 ERROR_ATTR = "error"
 FAIL_REASON_ATTR = "fail_reason"
+# Study user attribute prefix of the plans declared on a queue ("plan:<id>" -> the plan's declaration).
+PLAN_ATTR_PREFIX = "plan:"
 # User attribute of a tuning trial failed by `fail_interrupted_trials` (or by the objective).
 TUNING_FAILURE_ATTR = "failure_reason"
 # Optuna functions the library calls that Optuna marks experimental (their warning is silenced).
@@ -652,6 +654,17 @@ def reports_from_storage(storage: BaseStorage | str | Path | None, study_name: s
         if KEY_ATTR in trial.user_attrs and REPORT_ATTR in trial.user_attrs:
             newest[trial.user_attrs[KEY_ATTR]] = trial
     return [trial.user_attrs[REPORT_ATTR] for trial in newest.values()]
+
+
+def declare_queue_plan(storage: BaseStorage | str | Path | None, study_name: str, plan: dict) -> None:
+    """Record a plan (a JSON-able dict with an ``id``) on the queue, replacing an earlier record of it."""
+    _load_study(_as_storage(storage), study_name).set_user_attr(PLAN_ATTR_PREFIX + plan["id"], plan)
+
+
+def queue_plans(storage: BaseStorage | str | Path | None, study_name: str) -> list[dict]:
+    """The plans recorded on the queue (`declare_queue_plan`)."""
+    attrs = _load_study(_as_storage(storage), study_name).user_attrs
+    return [plan for name, plan in sorted(attrs.items()) if name.startswith(PLAN_ATTR_PREFIX)]
 
 
 def queue_status(storage: BaseStorage | str | Path | None, study_name: str) -> dict[str, Any]:

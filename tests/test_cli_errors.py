@@ -362,6 +362,9 @@ MORE_BAD_INPUTS = [
     (("tune", "--device", "tpu"), "tpu"),
     (("summary", "--source", "nothing.journal"), "nothing.journal"),
     (("worker", "--storage", "missing-folder/queue.journal"), "missing-folder"),
+    (("grid", *TINY_RUN, "--stages", "stage1_basic", "--no-top-up", "--seeds-max", "4"), "--no-top-up"),
+    (("study", "--seeds-max", "1"), "--seeds-max"),
+    (("grid", "--min-effect", "0"), "--min-effect"),
 ]
 
 

@@ -184,18 +184,34 @@ def test_distill_compares_teacher_student_and_student_alone(project_dirs):
     assert table["note"] is None, table["note"]  # a 4-epoch teacher beats a 1-epoch student
     names = [row["name"] for row in table["rows"]]
     assert names == ["teacher (simplecnn)", "distilled student (simplecnn)", "student alone (simplecnn)"]
-    assert all(row["checkpoint_mb"] > 0 and row["ci_low"] <= row["f1_macro"] for row in table["rows"])
+    assert all(row["checkpoint_mb"] > 0 and row["ci_low"] <= row["f1_macro"] <= row["ci_high"]
+               for row in table["rows"])
+    assert table["seeds"] == [11, 12, 13] and [row["n_seeds"] for row in table["rows"]] == [1, 3, 3]
     student = runs.read_report(runs.report_path(table["rows"][1]["run_id"]))
     assert student["config"]["teacher"] == teacher["run_id"]
-    assert table["rows"][1]["run_id"] != table["rows"][2]["run_id"]
+    assert not set(table["rows"][1]["run_ids"]) & set(table["rows"][2]["run_ids"])
+    # Three seeds per arm: the seed-aware test of distilled student minus student alone gives a verdict.
+    difference = table["difference"]
+    assert difference["of"] == "distilled student - student alone" and difference["note"] is None
+    assert difference["low"] <= difference["diff"] <= difference["high"] and 0 <= difference["p_value"] <= 1
+    assert difference["conclusion"] in ("significantly higher", "significantly lower", "no significant difference")
 
 
 def test_distill_is_skipped_when_the_teacher_does_not_beat_the_student(project_dirs):
     teacher = runs.run(tiny_config(seed=11), severities=SEVERITIES)
-    table = pipeline.distill(teacher["run_id"], "simplecnn", severities=SEVERITIES)  # the student IS the teacher
+    # One seed, the teacher's: the student alone IS the teacher.
+    table = pipeline.distill(teacher["run_id"], "simplecnn", seeds=[11], severities=SEVERITIES)
     assert table["note"].startswith("distillation skipped")
     assert [row["name"] for row in table["rows"]] == ["teacher (simplecnn)", "student alone (simplecnn)"]
+    assert table["difference"] is None
     assert not list(config.RUNS_DIR.glob("synthetic-kd-*.json"))
+
+
+def test_one_seed_per_arm_gives_no_verdict(project_dirs):
+    table = pipeline.compare_presets(seeds=(0,), n_train=200, n_test=200, epochs=1)
+    difference = table["difference"]
+    assert difference["p_value"] is None and not difference["significant"]
+    assert difference["conclusion"].startswith("no verdict: ")
 
 
 def _worker_command(storage: str, study: str) -> list[str]:
