@@ -132,6 +132,9 @@ def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GR
     ``python experiments.py worker --storage URL --study NAME``.
     """
     config.require(workers >= 1, f"workers must be at least 1, got {workers}")
+    config.require(workers == 1 or not str(storage or "").startswith("sqlite"),
+                   f"SQLite serves one worker only (several crashed and ran cells twice), got {workers} workers: "
+                   "use the default journal file (no --storage) or a postgresql+psycopg2:// URL, or one worker")
     base = base or config.preset_config("original")
     queue_name = queue_name or grid_queue_name(base.dataset)
     configs = grid_configs(models, stages, p_augs, seeds, base)
@@ -149,7 +152,14 @@ def _run_worker_processes(workers: int, storage: str, queue_name: str, device: s
     command = [sys.executable, str(config.ROOT / "experiments.py"), "worker", "--storage", storage,
                "--study", queue_name, "--device", device, "--heartbeat", str(heartbeat)]
     processes = [subprocess.Popen(command) for _ in range(workers)]
-    codes = [process.wait() for process in processes]
+    try:
+        codes = [process.wait() for process in processes]
+    except BaseException:  # interrupted: stop the workers too (each queues its running cell again)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
+        raise
     if any(codes):
         print(f"warning: worker exit codes {codes}; unfinished cells stay queued", file=sys.stderr)
 
@@ -266,7 +276,7 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
     Writes reports/distillation.json with teacher, distilled student and student alone: macro-F1 with
     CI, parameters, inference images/s and checkpoint size.
     """
-    teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else teacher
+    teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else config.check_name("teacher run id", teacher)
     if not report_path(teacher_id).exists():
         raise ConfigError(f"teacher run {teacher_id!r} not found in {config.RUNS_DIR}; name a finished run's id "
                           "or use --teacher best")

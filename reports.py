@@ -20,7 +20,7 @@ from data_loading import compute_channel_stats, load_split
 from report_schema import POSITIVE, UNIT, ReportError, check_report
 from runs import best_val_f1, model_path, parse_digits, read_report, report_path
 from stats import FAMILY_METHOD, at_chance, chance_band, compare_family, format_estimate, seed_summary, still_improving
-from work_queue import is_storage, open_storage, reports_from_storage
+from work_queue import is_storage, mask_password, open_storage, reports_from_storage
 
 
 def grid_queue_name(dataset: str) -> str:
@@ -66,7 +66,7 @@ def _reports_from_source(source, study_name) -> list[dict]:
     if source is not None and is_storage(source):
         queue = study_name or DEFAULT_QUEUE_NAME
         stored = reports_from_storage(open_storage(str(source)), queue)
-        found = [(f"{source} (queue {queue}, cell {_cell_name(r)})", lambda r=r: r) for r in stored]
+        found = [(f"{mask_password(str(source))} (queue {queue}, cell {_cell_name(r)})", lambda r=r: r) for r in stored]
     else:
         folder = Path(source) if source is not None else config.RUNS_DIR
         found = [(path, lambda path=path: read_report(path)) for path in sorted(folder.glob("*.json"))]
@@ -90,6 +90,7 @@ def _check_source(source: str) -> None:
     if "://" in source and not source.startswith(("journal://", "sqlite:///")):
         return
     path = Path(source.removeprefix("journal://").removeprefix("sqlite:///"))
+    source = mask_password(source)  # the text is shown in the error below
     if is_storage(source):
         config.require(path.is_file(), f"source {source}: no such queue storage file; name an existing journal "
                                        "or database, or a reports folder such as reports/runs")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -43,3 +45,44 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_file_size_limit_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path):
+    """A real limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    resource = pytest.importorskip("resource")
+    path = atomic_io.atomic_write_bytes(tmp_path / "model.pt", b"old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(atomic_io.DiskFullError) as caught:
+            atomic_io.atomic_write_bytes(path, bytes(1 << 20))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(caught.value)
+    assert str(path) in message and "file-size limit" in message and "MB free" in message
+    assert "\n" not in message and caught.value.errno == errno.EFBIG
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_signal_during_a_write_arrives_after_it_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    class Stopped(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    real_fsync = os.fsync
+
+    def fsync_then_signal(fd):  # the signal arrives in the middle of the write
+        real_fsync(fd)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    monkeypatch.setattr(os, "fsync", fsync_then_signal)
+    try:
+        with pytest.raises(Stopped):
+            atomic_io.atomic_write_text(tmp_path / "run.metrics.csv", "epoch\n1\n")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (tmp_path / "run.metrics.csv").read_text() == "epoch\n1\n"  # written whole, then interrupted
+    assert [p.name for p in tmp_path.iterdir()] == ["run.metrics.csv"]
