@@ -61,7 +61,7 @@ def disk_full_error(path: Path, err: OSError) -> DiskFullError:
         free = f"{shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free there"
     except OSError:
         free = "free space unknown"
-    full = DiskFullError(f"cannot write {path}: {_NO_ROOM[err.errno]} ({free}); the previous file, if any, is "
+    full = DiskFullError(f"cannot write {path}: {_NO_ROOM[err.errno]}; {free}; the previous file, if any, is "
                          "unchanged: make room, then run the same command again")
     full.errno = err.errno
     return full

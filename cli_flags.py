@@ -57,6 +57,14 @@ def at_least(minimum: float, kind: type = int, *, strict: bool = False):
     return parse
 
 
+def safe_name(text: str) -> str:
+    """An argparse type: a name that may become part of a file name (``config.safe_name_problem``)."""
+    problem = config.safe_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be a queue name: {problem}")
+    return text
+
+
 # ---------------------------------------------------------------- flags from TrainConfig
 
 
@@ -174,6 +182,6 @@ def add_queue_flags(parser: argparse.ArgumentParser, default_queue: str | None, 
     """--storage and --study; ``shown_default`` tells what applies when the queue's default is None."""
     parser.add_argument("--storage", help="queue storage: a journal file, sqlite:/// or postgresql+psycopg2:// URL "
                                           "(default: reports/optuna.journal)")
-    parser.add_argument("--study", dest="queue", default=default_queue,
+    parser.add_argument("--study", dest="queue", default=default_queue, type=safe_name,
                         help="name of the queue in the storage" + (f" (default: {shown_default})" if shown_default
                                                                     else ""))

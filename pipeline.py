@@ -136,7 +136,7 @@ def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GR
                    f"SQLite serves one worker only (several crashed and ran cells twice), got {workers} workers: "
                    "use the default journal file (no --storage) or a postgresql+psycopg2:// URL, or one worker")
     base = base or config.preset_config("original")
-    queue_name = queue_name or grid_queue_name(base.dataset)
+    queue_name = config.check_name("queue name", queue_name or grid_queue_name(base.dataset))
     configs = grid_configs(models, stages, p_augs, seeds, base)
     storage = storage or default_storage()
     enqueue_grid(configs, storage, queue_name, severities)

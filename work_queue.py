@@ -613,6 +613,7 @@ def run_worker(
     """
     if not 0 < heartbeat_interval < grace_period:
         raise ValueError("need 0 < heartbeat_interval < grace_period (a few heartbeats per grace period)")
+    config.check_name("queue name", study_name)
     storage = _as_storage(storage)
     if _is_sqlite(storage):
         warnings.warn("SQLite storage is safe for one worker only; use the journal file or PostgreSQL "
@@ -679,6 +680,7 @@ def _run_cell(storage: BaseStorage, study: optuna.Study, trial: FrozenTrial,
 
 def reports_from_storage(storage: BaseStorage | str | Path | None, study_name: str) -> list[dict]:
     """The stored report of every completed cell: one per cell key, from its newest COMPLETE trial."""
+    config.check_name("queue name", study_name)  # before the storage is opened (or created)
     storage = _as_storage(storage)
     trials = _load_study(storage, study_name).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     newest: dict[str, FrozenTrial] = {}
@@ -690,6 +692,7 @@ def reports_from_storage(storage: BaseStorage | str | Path | None, study_name: s
 
 def queue_status(storage: BaseStorage | str | Path | None, study_name: str) -> dict[str, Any]:
     """Counts of trials per state, cells done, cells given up (key -> reason) and the done reports."""
+    config.check_name("queue name", study_name)  # before the storage is opened (or created)
     storage = _as_storage(storage)
     trials = _load_study(storage, study_name).get_trials(deepcopy=False)
     trials = [t for t in trials if KEY_ATTR in t.user_attrs]
