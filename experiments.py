@@ -231,11 +231,24 @@ def show_library_log() -> None:
     """The library's log lines (queue events, Optuna's trials) on stderr, as plain text; other
     libraries' INFO chatter stays off."""
     log = logging.getLogger("work_queue")
-    if not log.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is then: a caller of ``main`` may have replaced it (a
+    test capturing output) since the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 class Terminated(BaseException):
