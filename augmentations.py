@@ -468,6 +468,7 @@ def register_stage(name: str, ops) -> tuple[OpSpec, ...]:
     """
     config.require(isinstance(name, str) and name.strip() != "",
                    f"a stage name must be a non-empty string, got {name!r}; pass e.g. 'my_stage'")
+    config.check_name("stage name", name)  # it becomes part of run ids, hence of file names
     config.require(name not in STAGE_SPECS, f"{name!r} is a built-in stage; choose another name")
     config.require(isinstance(ops, (tuple, list)) and len(ops) > 0,
                    f"stage {name!r} needs a non-empty tuple of op specs, e.g. (HFlip(0.5), Rotate(10.0)); "

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import sys
 import types
 import typing
 
@@ -62,6 +64,12 @@ def workers_count(text: str) -> int | str:
 
 
 workers_count.__name__ = "workers"
+def safe_name(text: str) -> str:
+    """An argparse type: a name that may become part of a file name (``config.safe_name_problem``)."""
+    problem = config.safe_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be a queue name: {problem}")
+    return text
 
 
 # ---------------------------------------------------------------- flags from TrainConfig
@@ -99,13 +107,69 @@ def add_config_flags(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] =
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset named by --preset with every field flag that was given."""
+    """The preset named by --preset with every field flag that was given; flags that contradict each
+    other, or have no effect with the others given, are a ConfigError (``flag_contradiction``)."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
     preset = overrides.pop("preset", "original")
+    given = dict(overrides)
     if args.no_hflip and overrides.get("stage", "none") in config.STAGES[1:]:
         overrides["stage"] += config.NOFLIP_SUFFIX
-    return config.preset_config(preset, **overrides)
+    cfg = config.preset_config(preset, **overrides)  # each value's own type and range first
+    problem = flag_contradiction(getattr(args, "command", "run"), given, cfg, args.no_hflip)
+    config.require(problem is None, problem or "")
+    if cfg.loader == "torch" and cfg.num_workers > (os.cpu_count() or 1):
+        print(f"warning: --num-workers {cfg.num_workers} is more than this machine's {os.cpu_count()} CPUs; the "
+              "extra worker processes only compete for them", file=sys.stderr)
+    return cfg
+
+
+def flag_contradiction(command: str, given: dict, cfg: TrainConfig, no_hflip: bool) -> str | None:
+    """What is wrong with a combination of training flags (``given``: the field flags given, by field
+    name; ``cfg``: the configuration they make), or None. A flag that would be silently ignored is
+    refused rather than left to mislead."""
+    return _ignored_flag(given, cfg) or _augmentation_flags(command, given, no_hflip)
+
+
+def _ignored_flag(given: dict, cfg: TrainConfig) -> str | None:
+    for name in ("kd_alpha", "kd_temperature"):
+        if name in given and cfg.teacher is None:
+            return f"--{name.replace('_', '-')} applies to distillation only: add --teacher RUN_ID, or drop it"
+    for name in ("momentum", "nesterov"):
+        if name in given and cfg.optimizer != "sgd":
+            return f"--{name} applies to --optimizer sgd only (here: {cfg.optimizer}): add --optimizer sgd, or drop it"
+    if "num_workers" in given and cfg.loader != "torch":
+        return ("--num-workers sets the DataLoader workers of --loader torch; the device loader starts none: "
+                "add --loader torch, or drop --num-workers")
+    return None
+
+
+def _augmentation_flags(command: str, given: dict, no_hflip: bool) -> str | None:
+    stage = given.get("stage")
+    if no_hflip and command != "grid" and stage not in config.STAGES[1:]:  # grid: no_hflip_problem
+        return (f"--no-hflip removes the flip of the stages {config.STAGES[1]}..{config.STAGES[-1]}; "
+                f"{'no stage was given' if stage is None else repr(stage) + ' has no flip to remove'}: drop it")
+    if command == "tune":
+        if "p_aug" in given:
+            return "tune searches p_aug itself: drop --p-aug"
+        if stage in (None, "none"):
+            return "tune searches p_aug, which needs an augmentation stage: add --stage (e.g. stage1_basic)"
+        return None
+    if given.get("p_aug", 0.0) > 0 and stage in (None, "none"):
+        return (f"--p-aug {given['p_aug']:g} has no effect without an augmentation stage (nothing is augmented): "
+                "add --stage (e.g. stage1_basic), or drop --p-aug")
+    if stage not in (None, "none") and "p_aug" not in given:
+        return (f"--stage {stage} augments nothing at the default p_aug 0: add --p-aug (e.g. --p-aug 0.5), "
+                "or use --stage none")
+    return None
+
+
+def no_hflip_problem(stages) -> str | None:
+    """Why --no-hflip has no effect on a grid's stages (none of them has a flip), or None."""
+    if any(stage in config.STAGES[1:] for stage in stages):
+        return None
+    return (f"--no-hflip removes the flip of the stages {config.STAGES[1]}..{config.STAGES[-1]}, and none of "
+            f"{', '.join(stages)} has one: drop it")
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
@@ -123,8 +187,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_queue_flags(parser: argparse.ArgumentParser, default_queue: str | None, shown_default: str = "") -> None:
     """--storage and --study; ``shown_default`` tells what applies when the queue's default is None."""
-    parser.add_argument("--storage", help="queue storage: a journal file, sqlite:/// or postgresql:// URL "
+    parser.add_argument("--storage", help="queue storage: a journal file, sqlite:/// or postgresql+psycopg2:// URL "
                                           "(default: reports/optuna.journal)")
-    parser.add_argument("--study", dest="queue", default=default_queue,
+    parser.add_argument("--study", dest="queue", default=default_queue, type=safe_name,
                         help="name of the queue in the storage" + (f" (default: {shown_default})" if shown_default
                                                                     else ""))

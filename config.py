@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -16,12 +17,87 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-# Every path can be moved with an environment variable (tests point them at tmp dirs).
-DATA_DIR = Path(os.environ.get("SVHN_AUG_DATA_DIR", ROOT / "data"))
-MODELS_DIR = Path(os.environ.get("SVHN_AUG_MODELS_DIR", ROOT / "models"))
-REPORTS_DIR = Path(os.environ.get("SVHN_AUG_REPORTS_DIR", ROOT / "reports"))
-FIGURES_DIR = REPORTS_DIR / "figures"
-RUNS_DIR = REPORTS_DIR / "runs"
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what would."""
+
+
+# Every path can be moved with an environment variable (tests point them at tmp dirs). A variable set
+# but empty (an unset shell variable expanded: SVHN_AUG_DATA_DIR=$UNSET) would mean the current folder:
+# its paths are then left undefined and reading them raises ConfigError naming the variable (__getattr__).
+PATH_VARIABLES = {"DATA_DIR": "SVHN_AUG_DATA_DIR", "MODELS_DIR": "SVHN_AUG_MODELS_DIR",
+                  "REPORTS_DIR": "SVHN_AUG_REPORTS_DIR"}
+_DERIVED_PATHS = {"FIGURES_DIR": ("REPORTS_DIR", "figures"), "RUNS_DIR": ("REPORTS_DIR", "runs")}
+
+
+def empty_path_variables(environ: typing.Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Path names (``DATA_DIR``...) whose environment variable is set but empty or blank -> the variable."""
+    return {name: var for name, var in PATH_VARIABLES.items() if var in environ and not environ[var].strip()}
+
+
+_EMPTY_PATH_VARIABLES = empty_path_variables()
+for _name, _var in PATH_VARIABLES.items():
+    if _name not in _EMPTY_PATH_VARIABLES:
+        globals()[_name] = Path(os.environ.get(_var, ROOT / _name.removesuffix("_DIR").lower()))
+for _name, (_parent, _child) in _DERIVED_PATHS.items():
+    if _parent not in _EMPTY_PATH_VARIABLES:
+        globals()[_name] = globals()[_parent] / _child
+
+
+def __getattr__(name: str):
+    """Only reached for a path whose environment variable is set but empty (see PATH_VARIABLES)."""
+    source = _DERIVED_PATHS.get(name, (name,))[0]
+    if source in _EMPTY_PATH_VARIABLES:
+        var, default = _EMPTY_PATH_VARIABLES[source], ROOT / source.removesuffix("_DIR").lower()
+        raise ConfigError(f"the environment variable {var} is set but empty (it would mean the current folder); "
+                          f"set it to a folder, or unset it for the default {default}")
+    raise AttributeError(f"module 'config' has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------- names that become file names
+
+# Stage names, run ids, queue and study names and teacher ids end up in file names (reports/runs/<run id>.json)
+# or beside them: one rule keeps them a single, portable path component.
+NAME_MAX_LENGTH = 150
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def safe_name_problem(name) -> str | None:
+    """Why ``name`` cannot be part of a file name, or None: 1-150 ASCII letters, digits and ``._+-``,
+    starting with a letter or digit, no ``..`` (so no separators, control characters or dots-only parts)."""
+    if not isinstance(name, str):
+        return f"it is a {type(name).__name__}, not a string"
+    if not name:
+        return "it is empty"
+    if len(name) > NAME_MAX_LENGTH:
+        return f"it is {len(name)} characters long (at most {NAME_MAX_LENGTH})"
+    if not _SAFE_NAME.fullmatch(name):
+        bad = sorted({c for c in name if not re.fullmatch(r"[A-Za-z0-9._+-]", c)})
+        if bad:
+            return f"it holds {', '.join(map(repr, bad))} (only ASCII letters, digits and . _ + - are allowed)"
+        return "it must start with a letter or a digit"
+    if ".." in name:
+        return "it holds '..'"
+    return None
+
+
+def check_name(kind: str, name) -> str:
+    """``name`` when it is safe as a file name (``safe_name_problem``), else ConfigError naming ``kind``."""
+    problem = safe_name_problem(name)
+    if problem is not None:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ConfigError(f"{kind} {shown} is refused: {problem}; such names become file names, so use e.g. "
+                          "'my_name-2'")
+    return name
+
+
+def inside(folder: str | Path, path: str | Path) -> Path:
+    """``path`` when it resolves inside ``folder`` (links followed), else ConfigError: a file the library
+    builds from a name is never read or written elsewhere."""
+    base, target = Path(folder).resolve(), Path(path).resolve()
+    if not target.is_relative_to(base):
+        raise ConfigError(f"refusing {path}: it lies outside {folder}")
+    return Path(path)
 
 NUM_CLASSES = 10
 # One display name per model, used by every table and figure.
@@ -65,10 +141,6 @@ LOADERS = ("device", "torch")  # fast on-device batches, or the original per-sam
 SYNTHETIC_N_TRAIN = 20_000
 SYNTHETIC_N_TEST = 5_000
 SYNTHETIC_SEED = 0
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message says what would."""
 
 
 def require(ok: bool, message: str) -> None:
@@ -178,6 +250,9 @@ def validate_config(cfg: TrainConfig) -> None:
             value = getattr(cfg, field.name)
             require(value in choices, f"unknown {field.name} {value!r}; choose one of {choices}")
     require(cfg.stage != "", "stage must be a stage name, e.g. 'stage1_basic' or 'none'")
+    check_name("stage", cfg.stage)  # it becomes part of the run id, hence of file names
+    if cfg.teacher is not None:
+        check_name("teacher run id", cfg.teacher)
     require(0.0 <= cfg.p_aug <= 1.0, f"p_aug must lie in [0, 1], got {cfg.p_aug}")
     require(cfg.seed >= 0, f"seed must be a non-negative integer, got {cfg.seed}")
     for name in ("epochs", "batch_size", "eval_batch_size"):

@@ -123,6 +123,9 @@ def _loadmat(path: Path, remedy: str) -> dict[str, np.ndarray]:
             header = file.read(128)  # MATLAB 5 files open with a text header "MATLAB 5.0 MAT-file ..."
     except OSError as exc:
         raise _unreadable(path, exc) from None
+    if header.startswith(b"MATLAB 7.3"):  # HDF5 inside: scipy.io reads MATLAB formats up to v7 only
+        raise _invalid(path, "it is a MATLAB v7.3 (HDF5) file, which scipy cannot read",
+                       "save it again in the v7 format (in MATLAB: save(name, 'X', 'y', '-v7'))")
     try:
         return scipy.io.loadmat(path, variable_names=("X", "y"))
     except Exception as exc:  # scipy raises many types (ValueError, MatReadError, OSError...) on bad bytes
@@ -161,16 +164,37 @@ def read_svhn_mat(path: str | Path, remedy: str = _REPLACE_IT) -> tuple[torch.Te
     y = y.reshape(-1)
     if y.size != x.shape[3]:
         raise _invalid(path, f"y holds {y.size} labels for {x.shape[3]} images", remedy)
-    valid = np.issubdtype(y.dtype, np.number) and (
-        y.size == 0 or (np.all(y == np.round(y)) and y.min() >= 1 and y.max() <= 10)
-    )
-    if not valid:
-        raise _invalid(path, f"labels must be integers 1..10 (10 stands for the digit 0), got {y.dtype}", remedy)
+    problem = _labels_problem(y)
+    if problem is not None:
+        raise _invalid(path, f"labels must be integers 1..10 (10 stands for the digit 0), but {problem}", remedy)
     labels = y.astype(np.int64)
     labels[labels == 10] = 0
     # MATLAB stores X as (H, W, C, N); torchvision's SVHN uses transpose(3, 2, 0, 1) -> (N, C, H, W).
     images = np.ascontiguousarray(x.transpose(3, 2, 0, 1))
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _labels_problem(y: np.ndarray) -> str | None:
+    """What is wrong with a .mat's labels y (N,), naming a few bad values, or None."""
+    if not np.issubdtype(y.dtype, np.number):
+        return f"y holds {y.dtype} values"
+    bad = np.unique(y[~(np.isfinite(y) & (y == np.round(y)) & (y >= 1) & (y <= 10))])
+    if bad.size == 0:
+        return None
+    shown = ", ".join(f"{v:g}" for v in bad[:5].astype(float)) + (", ..." if bad.size > 5 else "")
+    count = int(np.isin(y, bad).sum())
+    return f"{count} label(s) are {shown}"
+
+
+def class_counts_problem(labels: torch.Tensor, what: str) -> str | None:
+    """Which digits ``labels`` (N,) lacks entirely, with the per-class counts, or None: a 10-class
+    macro-F1 over a split missing a class would be scored without a word."""
+    counts = torch.bincount(labels, minlength=config.NUM_CLASSES).tolist()
+    missing = [digit for digit, n in enumerate(counts) if n == 0]
+    if not missing:
+        return None
+    return (f"{what} holds no image of digit(s) {', '.join(map(str, missing))} (images per digit 0-9: "
+            f"{counts}), so its 10-class metrics would be wrong")
 
 
 # ----------------------------------------------------------------------------- fingerprints and the tensor cache
@@ -609,15 +633,25 @@ def split_data(
     val_fraction: float = 0.1,
     seed: int = SPLIT_SEED,
     root: str | Path | None = None,
+    missing_class: str = "error",
 ) -> RunData:
     """Load a dataset and split it: a stratified subset of ``n_train`` train images (all when None),
-    a stratified validation share out of it, and a stratified subset of ``n_test`` test images."""
+    a stratified validation share out of it, and a stratified subset of ``n_test`` test images.
+
+    A part without a single image of some digit is a DatasetError (``missing_class="error"``) or a
+    warning with the per-class counts (``"warn"``, for data a user brings)."""
     images, labels = load_split(dataset, "train", root)
     train_idx, val_idx = split_indices(labels, val_fraction, seed, n_train)
     test_x, test_y = load_split(dataset, "test", root)
     if n_test is not None and n_test < len(test_y):
         keep = stratified_subset(test_y, n_test, seed)
         test_x, test_y = test_x[keep], test_y[keep]
+    for part, part_labels in (("train", labels[train_idx]), ("validation", labels[val_idx]), ("test", test_y)):
+        problem = class_counts_problem(part_labels, f"the {part} part of {dataset}")
+        if problem is not None and missing_class == "error":
+            raise DatasetError(f"{problem}: use data with every digit in each split")
+        if problem is not None:
+            warnings.warn(problem, stacklevel=2)
     mean, std = compute_channel_stats(images[train_idx])
     return RunData(images[train_idx], labels[train_idx], images[val_idx], labels[val_idx],
                    test_x, test_y, tuple(mean), tuple(std))
@@ -694,6 +728,7 @@ def get_dataloaders_with_custom_train_transform(
 
     The split is ``split_data`` with ``seed``; shuffling and the workers' seeds also come from ``seed``.
     """
-    data = split_data(dataset, n_train=n_train, n_test=n_test, val_fraction=val_fraction, seed=seed, root=root)
+    data = split_data(dataset, n_train=n_train, n_test=n_test, val_fraction=val_fraction, seed=seed, root=root,
+                      missing_class="warn")
     return per_sample_loaders(data, train_transform, eval_transform, batch_size=batch_size,
                               num_workers=num_workers, seed=seed)

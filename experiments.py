@@ -14,12 +14,16 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
+import signal
 import sys
+import threading
 
 import config
 import pipeline
 import reports
 import runs
+from atomic_io import DiskFullError
 from cli_flags import (
     HelpFormatter,
     OneLineErrorParser,
@@ -29,6 +33,7 @@ from cli_flags import (
     add_run_flags,
     at_least,
     config_from_args,
+    no_hflip_problem,
     workers_count,
 )
 from config import ConfigError
@@ -38,7 +43,7 @@ from work_queue import QueueError, configure_optuna_logging, default_storage, op
 
 # Errors the library raises on purpose: their message names the problem and the fix, so the
 # command line prints that one line (no traceback unless --debug).
-EXPECTED_ERRORS = (ConfigError, runs.ReportError, DatasetError, QueueError, DivergenceError)
+EXPECTED_ERRORS = (ConfigError, runs.ReportError, DatasetError, QueueError, DivergenceError, DiskFullError)
 # Fields a grid takes as lists of values (--models, --stages, --p-augs, --seeds), not as --field.
 _GRID_FIELDS = ("model", "stage", "p_aug", "seed")
 
@@ -54,6 +59,8 @@ def cmd_run(args) -> None:
 
 
 def cmd_grid(args) -> None:
+    if args.no_hflip:
+        config.require(no_hflip_problem(args.stages) is None, no_hflip_problem(args.stages) or "")
     stages = [s + config.NOFLIP_SUFFIX if args.no_hflip and s in config.STAGES[1:] else s for s in args.stages]
     done = pipeline.grid(args.models, stages, args.p_augs, args.seeds, base=config_from_args(args),
                          storage=args.storage, queue_name=args.queue, workers=args.workers, device=args.device,
@@ -256,18 +263,61 @@ def show_library_log() -> None:
     """The library's log lines (queue events, Optuna's trials) on stderr, as plain text; other
     libraries' INFO chatter stays off."""
     log = logging.getLogger("work_queue")
-    if not log.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is then: a caller of ``main`` may have replaced it (a
+    test capturing output) since the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so the same clean-up runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+# What an interrupted command leaves behind; running the same command again resumes from there.
+_KEPT = {
+    "run": "the run's finished epochs are kept in its checkpoint",
+    "tune": "finished trials are kept in the study",
+    "figures": "every figure already written is complete",
+    "summary": "the previous summary is unchanged",
+    "eda": "every figure already written is complete",
+    "status": "nothing was changed",
+}
+_KEPT_BY_DEFAULT = "finished runs keep their reports and the interrupted run its last finished epoch"
+
+
+def interrupted_line(command: str, argv: list[str], signal_name: str) -> str:
+    """The one line an interrupted command prints: what was kept, and the command that resumes."""
+    kept = _KEPT.get(command, _KEPT_BY_DEFAULT)
+    return f"interrupted ({signal_name}): {kept}; resume with: python experiments.py {shlex.join(argv)}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry; an expected error ends with one line on stderr and exit code 2."""
+    """Command-line entry; an expected error ends with one line on stderr and exit code 2, Ctrl-C with
+    one line and 130, SIGTERM with one line and 143 (no temporary file is left either way)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     show_library_log()
     configure_optuna_logging()  # Optuna's lines (one per trial) through that log, without colour codes
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         if getattr(args, "device", None) is not None:
             runs.check_device(args.device)  # before any data is read or cell enqueued
@@ -277,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as stop:
+        if args.debug:
+            raise
+        ctrl_c = isinstance(stop, KeyboardInterrupt)
+        print(interrupted_line(args.command, argv, "Ctrl-C" if ctrl_c else "SIGTERM"), file=sys.stderr)
+        return 130 if ctrl_c else 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

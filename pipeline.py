@@ -283,7 +283,11 @@ def grid(models=("simplecnn",), stages=config.STAGES[1:], p_augs=config.P_AUG_GR
     base = base or config.preset_config("original")
     workers = resolve_workers(workers, base, models, device)
     config.require(isinstance(workers, int) and workers >= 1, f"workers must be 'auto' or at least 1, got {workers}")
-    queue = dict(storage=storage or default_storage(), queue_name=queue_name or grid_queue_name(base.dataset),
+    config.require(workers == 1 or not str(storage or "").startswith("sqlite"),
+                   f"SQLite serves one worker only (several crashed and ran cells twice), got {workers} workers: "
+                   "use the default journal file (no --storage) or a postgresql+psycopg2:// URL, or one worker")
+    queue_name = config.check_name("queue name", queue_name or grid_queue_name(base.dataset))
+    queue = dict(storage=storage or default_storage(), queue_name=queue_name,
                  workers=workers, device=device, severities=severities, heartbeat=heartbeat, quiet=quiet)
     if top_up is not None and len(set(seeds)) < 2:
         announcer(quiet)("no seed top-up: it plans from the spread of at least 2 first seeds per cell")
@@ -321,7 +325,14 @@ def _run_worker_processes(workers: int, storage: str, queue_name: str, device: s
     if torch.device(check_device(device)).type == "cpu":  # the cores shared out, not oversubscribed
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     processes = [subprocess.Popen(command, env=env) for _ in range(workers)]
-    codes = [process.wait() for process in processes]
+    try:
+        codes = [process.wait() for process in processes]
+    except BaseException:  # interrupted: stop the workers too (each queues its running cell again)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
+        raise
     if any(codes):
         print(f"warning: worker exit codes {codes}; unfinished cells stay queued", file=sys.stderr)
 
@@ -445,7 +456,7 @@ def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, a
     seed-aware comparison of distilled student and student alone (`stats.compare_groups`), "no verdict"
     with one seed.
     """
-    teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else teacher
+    teacher_id = best_run_id("resnet18", dataset) if teacher == "best" else config.check_name("teacher run id", teacher)
     if not report_path(teacher_id).exists():
         raise ConfigError(f"teacher run {teacher_id!r} not found in {config.RUNS_DIR}; name a finished run's id "
                           "or use --teacher best")

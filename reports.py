@@ -4,6 +4,7 @@ summaries, and every study figure rebuilt from the JSON reports without retraini
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import visualization as viz
 from atomic_io import atomic_write_text
 from config import TrainConfig
 from data_loading import compute_channel_stats, load_split
-from runs import ReportError, best_val_f1, model_path, parse_digits, read_report, report_path
+from report_schema import POSITIVE, UNIT, ReportError, check_report
+from runs import best_val_f1, model_path, parse_digits, read_report, report_path
 from stats import (
     IMAGES_ONLY,
     MODERATED_METHOD,
@@ -30,7 +32,7 @@ from stats import (
     seed_summary,
     still_improving,
 )
-from work_queue import is_storage, open_storage, queue_plans, reports_from_storage
+from work_queue import is_storage, mask_password, open_storage, queue_plans, reports_from_storage
 
 
 def grid_queue_name(dataset: str) -> str:
@@ -73,13 +75,33 @@ def load_reports(source: str | Path | None = None, study_name: str | None = None
 
 
 def _reports_from_source(source, study_name) -> list[dict]:
+    """The sound reports of the source; each one that fails its checks (``report_schema``) is left out
+    with one line on stderr naming its file (or queue cell) and the field, so one bad report, received or
+    damaged, does not hide every other run."""
     if source is not None:
         _check_source(str(source))
     if source is not None and is_storage(source):
-        storage, name = open_storage(str(source)), study_name or DEFAULT_QUEUE_NAME
-        return _with_plans(reports_from_storage(storage, name), queue_plans(storage, name))
-    folder = Path(source) if source is not None else config.RUNS_DIR
-    return [read_report(path) for path in sorted(folder.glob("*.json"))]
+        queue, storage = study_name or DEFAULT_QUEUE_NAME, open_storage(str(source))
+        plans = queue_plans(storage, queue)
+        found = [(f"{mask_password(str(source))} (queue {queue}, cell {_cell_name(r)})",
+                  lambda r=r: _with_plans([r], plans)[0]) for r in reports_from_storage(storage, queue)]
+    else:
+        folder = Path(source) if source is not None else config.RUNS_DIR
+        found = [(path, lambda path=path: read_report(path)) for path in sorted(folder.glob("*.json"))]
+    sound = []
+    for where, read in found:
+        try:
+            report = check_report(read(), where)
+            report_plans(report)  # a damaged plans field leaves the report out too
+            sound.append(report)
+        except ReportError as err:
+            print(f"warning: left out {err}", file=sys.stderr)
+    return sound
+
+
+def _cell_name(report) -> str:
+    run_id = report.get("run_id") if isinstance(report, dict) else None
+    return run_id if config.safe_name_problem(run_id) is None else "?"
 
 
 def _with_plans(reports_: list[dict], plans: list[dict]) -> list[dict]:
@@ -98,6 +120,7 @@ def _check_source(source: str) -> None:
     if "://" in source and not source.startswith(("journal://", "sqlite:///")):
         return
     path = Path(source.removeprefix("journal://").removeprefix("sqlite:///"))
+    source = mask_password(source)  # the text is shown in the error below
     if is_storage(source):
         config.require(path.is_file(), f"source {source}: no such queue storage file; name an existing journal "
                                        "or database, or a reports folder such as reports/runs")
@@ -523,6 +546,12 @@ def save_and_close(fig, path: Path) -> Path:
     return written
 
 
+def figure_path(out_dir: Path, name: str) -> Path:
+    """``out_dir/name`` for a file name built from report fields: a name that is not one safe file name,
+    or that would lead out of ``out_dir``, is a ConfigError before anything is drawn or written."""
+    return config.inside(out_dir, out_dir / config.check_name("figure file name", name))
+
+
 def figures(frame: pd.DataFrame | None = None, out_dir: Path | None = None) -> list[Path]:
     """Every study figure, rebuilt from the reports (no training), as PNGs under reports/figures/."""
     frame = load_reports() if frame is None else frame
@@ -535,8 +564,26 @@ def figures(frame: pd.DataFrame | None = None, out_dir: Path | None = None) -> l
         written += _grid_figures(frame, grid_family(cells), dataset, model, out_dir)
     distillation = config.REPORTS_DIR / "distillation.json"
     if distillation.exists():
-        written.append(_distillation_figure(json.loads(distillation.read_text()), out_dir))
+        try:
+            written.append(_distillation_figure(_read_distillation(distillation), out_dir))
+        except (ReportError, config.ConfigError) as err:
+            print(f"warning: left out the distillation figure: {err}", file=sys.stderr)
     return written
+
+
+def _read_distillation(path: Path) -> dict:
+    """distillation.json checked as data: its dataset, and rows of finite metrics in [0, 1]."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} cannot be read ({err}); run `distill` again to rewrite it") from None
+    rows = table.get("rows") if isinstance(table, dict) else None
+    sound = isinstance(rows, list) and bool(rows) and table.get("dataset") in config.DATASETS
+    sound = sound and all(_distillation_row_sound(row) for row in rows)
+    if not sound:
+        raise ReportError(f"{path} is not a distillation table this library wrote (dataset, or a row's macro-F1, "
+                          "interval, size or speed); run `distill` again to rewrite it")
+    return table
 
 
 def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list[Path]:
@@ -553,11 +600,11 @@ def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list
         fig = viz.plot_heatmap(tables["f1"], dataset=dataset, significance=tables["significance"],
                                title=f"{name}: test macro-F1, stage x p_aug (mean over seeds)",
                                metric_label="macro-F1", note=family, budget=budget)
-        written.append(save_and_close(fig, out_dir / f"{dataset}_{model}_heatmap_f1.png"))
+        written.append(save_and_close(fig, figure_path(out_dir, f"{dataset}_{model}_heatmap_f1.png")))
         fig = viz.plot_heatmap(tables["corruption"], dataset=dataset, budget=budget,
                                title=f"{name}: macro-F1 under corruptions (mean over kinds)",
                                metric_label="corruption macro-F1")
-        written.append(save_and_close(fig, out_dir / f"{dataset}_{model}_heatmap_corruption.png"))
+        written.append(save_and_close(fig, figure_path(out_dir, f"{dataset}_{model}_heatmap_corruption.png")))
     written += _best_cell_figures(frame, cells, dataset, model, out_dir)
     return written
 
@@ -567,19 +614,19 @@ def _best_cell_figures(frame, cells, dataset, model, out_dir) -> list[Path]:
     label = f"{viz.model_label(model)}, {run_label(best)} (best on validation)"
     chance = chance_band(parse_digits(best["test_labels"]))
     budget = run_budget(best)
-    prefix = out_dir / f"{dataset}_{model}_best"
+    prefix = f"{dataset}_{model}_best"
     written = [
         save_and_close(viz.plot_learning_curves(best["history"], title=label, dataset=dataset, budget=budget,
-                                                chance=chance), Path(f"{prefix}_learning_curves.png")),
+                                                chance=chance), figure_path(out_dir, f"{prefix}_learning_curves.png")),
         save_and_close(viz.plot_confusion_matrix(best["test"]["confusion_matrix"], dataset=dataset, budget=budget,
                                                  title=f"{label}: confusion matrix (test)"),
-                       Path(f"{prefix}_confusion.png")),
+                       figure_path(out_dir, f"{prefix}_confusion.png")),
     ]
     f1_by_run = {run_label(best): best["test"]["f1_per_class"]}
     if base is not None and base["run_id"] != best["run_id"]:
         f1_by_run[run_label(base)] = base["test"]["f1_per_class"]
     written.append(save_and_close(viz.plot_per_class_f1(f1_by_run, dataset=dataset, budget=budget, chance=chance),
-                                  Path(f"{prefix}_per_class_f1.png")))
+                                  figure_path(out_dir, f"{prefix}_per_class_f1.png")))
     return written
 
 
@@ -587,7 +634,14 @@ def _distillation_figure(table: dict, out_dir: Path) -> Path:
     teacher = read_report(report_path(table["rows"][0]["run_id"]))
     fig = viz.plot_distillation_comparison(table["rows"], dataset=table["dataset"], budget=run_budget(teacher),
                                            chance=chance_band(parse_digits(teacher["test_labels"])))
-    return save_and_close(fig, out_dir / f"{table['dataset']}_distillation.png")
+    return save_and_close(fig, figure_path(out_dir, f"{table['dataset']}_distillation.png"))
+
+
+def _distillation_row_sound(row) -> bool:
+    if not isinstance(row, dict):
+        return False
+    unit = all(UNIT(row.get(name), row) is None for name in ("f1_macro", "ci_low", "ci_high"))
+    return unit and all(POSITIVE(row.get(name), row) is None for name in ("params", "images_per_s", "checkpoint_mb"))
 
 
 def eda_figures(dataset: str = "synthetic", out_dir: Path | None = None) -> list[Path]:

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -43,17 +44,12 @@ from data_loading import (
     set_seed,
 )
 from model import build_model, count_params
+from report_schema import REPORT_SCHEMA_VERSION, ReportError, check_report
 from stats import at_chance, bootstrap_ci, chance_band, still_improving
 from training import compute_metrics, device_label, fit, predict, synchronize
 
-# 2: run ids hash data and stage fingerprints; reports carry flags, budget and the model's hash.
-REPORT_SCHEMA_VERSION = 2
 CORRUPTION_SEED = 1234  # the corrupted test copies are the same for every run
 DEFAULT_SEVERITIES = (1, 2, 3)
-
-
-class ReportError(RuntimeError):
-    """A report file that cannot be read; the message says which file and what to do."""
 
 
 # ---------------------------------------------------------------- identity
@@ -92,36 +88,34 @@ def run_id(cfg: TrainConfig) -> str:
 # ---------------------------------------------------------------- where a run's files live
 
 
+def _run_file(folder: Path, run_id: str, suffix: str) -> Path:
+    """``folder/<run_id><suffix>``; a run id that is not a safe name, or a path that would leave the
+    folder (through a link), is a ConfigError before anything is read or written."""
+    config.check_name("run id", run_id)
+    return config.inside(folder, folder / f"{run_id}{suffix}")
+
+
 def report_path(run_id: str) -> Path:
-    return config.RUNS_DIR / f"{run_id}.json"
+    return _run_file(config.RUNS_DIR, run_id, ".json")
 
 
 def model_path(run_id: str) -> Path:
-    return config.MODELS_DIR / f"{run_id}.pt"
+    return _run_file(config.MODELS_DIR, run_id, ".pt")
 
 
 def metrics_csv_path(run_id: str) -> Path:
     """One row per epoch, written as the run trains (open it to watch a long run)."""
-    return config.RUNS_DIR / f"{run_id}.metrics.csv"
+    return _run_file(config.RUNS_DIR, run_id, ".metrics.csv")
 
 
 def checkpoint_path(run_id: str) -> Path:
-    return config.MODELS_DIR / "checkpoints" / f"{run_id}.ckpt"
-
-
-# The fields of a report that tables, figures and model loading read ("a.b": field b inside field a).
-REPORT_FIELDS = (
-    "run_id", "dataset", "sizes.train", "sizes.test", "augment_path", "test.f1_macro", "test.accuracy",
-    "test_f1_macro_ci.low", "test_f1_macro_ci.high", "test_labels", "test_predictions", "robustness.mean_f1_macro",
-    "history", "seconds_per_epoch", "train_images_per_s", "inference_images_per_s", "params", "flags.at_chance",
-    "flags.still_improving", "flags.chance_f1_macro", "finished_at", "model_sha256",
-    *(f"config.{name}" for name in ("model", "dataset", "stage", "p_aug", "seed", "preset", "epochs", "lr", "teacher")),
-)
+    return _run_file(config.MODELS_DIR / "checkpoints", run_id, ".ckpt")
 
 
 def read_report(path: Path) -> dict:
-    """One JSON report; a corrupt file, or one without a field that tables, figures or model loading read
-    (``REPORT_FIELDS``), raises ReportError naming the file, the missing field and how to recover."""
+    """One JSON report, checked as data (``report_schema``): a corrupt file, or one whose field that tables,
+    figures or model loading read is missing or out of its type and range, raises ReportError naming the
+    file, the field and how to recover."""
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -129,19 +123,7 @@ def read_report(path: Path) -> dict:
             f"report {path} cannot be read ({err}); delete it to retrain that run, "
             "every other report is untouched"
         ) from err
-    if not isinstance(report, dict) or report.get("schema_version") != REPORT_SCHEMA_VERSION:
-        raise ReportError(f"report {path} was written by another version of the library (schema "
-                          f"{report.get('schema_version') if isinstance(report, dict) else '?'}, expected "
-                          f"{REPORT_SCHEMA_VERSION}); delete it to retrain that run")
-    for dotted in REPORT_FIELDS:
-        holder, names = report, dotted.split(".")
-        for depth, name in enumerate(names, start=1):
-            if not isinstance(holder, dict) or name not in holder:
-                missing = ".".join(names[:depth])
-                raise ReportError(f"report {path} lacks the field {missing!r} (damaged or edited); delete it to "
-                                  "retrain that run, every other report is untouched")
-            holder = holder[name]
-    return report
+    return check_report(report, path)
 
 
 # ---------------------------------------------------------------- loaders
@@ -333,7 +315,11 @@ def load_model_state(report: dict, device: str) -> dict:
         raise ReportError(f"the model file {path} of run {report['run_id']} is missing; {fix}")
     if file_sha256(path) != report["model_sha256"]:
         raise ReportError(f"the model file {path} does not match its report (damaged or replaced); {fix}")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # never retried with weights_only=False
+        raise ReportError(f"the model file {path} is not a model this library wrote (it holds more than plain "
+                          f"weights, so it was not loaded); {fix}") from err
 
 
 # ---------------------------------------------------------------- the report

@@ -63,6 +63,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -79,7 +80,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 import config
-from atomic_io import atomic_write_bytes
+from atomic_io import DiskFullError, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ def open_storage(url: str | Path | None = None, *, connect_timeout: int = 5) -> 
     repaired on opening (`repair_journal`); a file that is not a journal is refused untouched.
     """
     text = default_storage() if url is None else str(url)
+    if not isinstance(url, Path) and _ONE_SLASH_URL.match(text):
+        raise QueueError(f"{mask_password(text)} looks like a storage URL with one slash after the scheme: write "
+                         f"{_ONE_SLASH_URL.match(text).group(1)}://... (read as a path, it would name a new journal "
+                         "file)")
     if isinstance(url, Path) or "://" not in text:
         if text.endswith((".db", ".sqlite", ".sqlite3")):
             raise QueueError(f"{text} looks like a SQLite file: open it as sqlite:///{text} (one worker)")
@@ -200,7 +205,7 @@ def _open_database(url: str, connect_timeout: int) -> RDBStorage:
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs)
     except ImportError as err:
-        raise QueueError(f"no database driver for {shown}: install it (e.g. psycopg2-binary)") from err
+        raise QueueError(f"no database driver for {shown}: {_driver_advice(url)}") from err
     except sqlalchemy.exc.NoSuchModuleError as err:
         raise QueueError(f"unknown kind of database in the storage URL {shown}: use a .journal file, "
                          "sqlite:///<file> or postgresql+psycopg2://user:password@host/db") from err
@@ -213,6 +218,27 @@ def _open_database(url: str, connect_timeout: int) -> RDBStorage:
         ) from err
 
 
+# "postgresql:/user:pw@host/db": a scheme of two or more letters followed by one slash, not a file path.
+_ONE_SLASH_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+
+
+def mask_password(text: str) -> str:
+    """``text`` with the password of anything shaped like ``user:password@host`` replaced by ``***``."""
+    return re.sub(r"(:/{0,2}[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+def _driver_advice(url: str) -> str:
+    """What to write or install when SQLAlchemy finds no driver module for ``url``."""
+    backend = url.split("://", 1)[0].split("+", 1)[0]
+    if backend == "postgresql":  # SQLAlchemy 2.1's plain postgresql:// means psycopg 3, not psycopg2
+        return ("write the URL as postgresql+psycopg2://user:password@host:5432/db (psycopg2-binary is among the "
+                "requirements), or install psycopg for the psycopg 3 form postgresql+psycopg://")
+    if backend in ("mysql", "mariadb"):
+        return ("no MySQL driver is among the requirements: pip install pymysql and write the URL as "
+                f"{backend}+pymysql://user:password@host:3306/db")
+    return "install the database's SQLAlchemy driver, or use a .journal file"
+
+
 def _is_sqlite(storage: BaseStorage) -> bool:
     return isinstance(storage, RDBStorage) and storage.url.startswith("sqlite")
 
@@ -222,6 +248,7 @@ def _as_storage(storage: BaseStorage | str | Path | None) -> BaseStorage:
 
 
 def _load_study(storage: BaseStorage, study_name: str) -> optuna.Study:
+    config.check_name("queue name", study_name)
     try:
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError as err:
@@ -380,6 +407,7 @@ def enqueue_cells(
     key. With ``retry_failed`` a cell whose trials all FAILed is enqueued again. Call this from
     one process (the one that builds the grid), never from the workers.
     """
+    config.check_name("queue name", study_name)
     storage = _as_storage(storage)
     study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=True,
                                 direction="maximize")
@@ -587,6 +615,7 @@ def run_worker(
     """
     if not 0 < heartbeat_interval < grace_period:
         raise ValueError("need 0 < heartbeat_interval < grace_period (a few heartbeats per grace period)")
+    config.check_name("queue name", study_name)
     storage = _as_storage(storage)
     if _is_sqlite(storage):
         warnings.warn("SQLite storage is safe for one worker only; use the journal file or PostgreSQL "
@@ -610,6 +639,8 @@ def run_worker(
                 continue
             _run_cell(storage, study, trial, execute, monitor, worker_id, value_key, max_retries)
             n_ran += 1
+    except DiskFullError:
+        raise  # a cell's own write: its message names the file
     except OSError as err:  # the cell's own errors are caught in _run_cell: this is the storage's file
         raise QueueError(f"cannot write to the queue's storage ({err.strerror or err}): free disk space or "
                          "fix permissions, then start the worker again (its running cell is retried)") from err
@@ -628,6 +659,10 @@ def _run_cell(storage: BaseStorage, study: optuna.Study, trial: FrozenTrial,
     try:
         report = json.loads(json.dumps(execute(dict(trial.user_attrs[CELL_ATTR]))))
         value = float(report[value_key]) if value_key is not None else 0.0
+    except DiskFullError:  # the disk, not the cell, failed: queue it again and stop this worker
+        monitor.watch(None)
+        _fail_and_requeue(storage, study, trial, f"worker {worker_id} found no room to write", max_retries)
+        raise
     except Exception as err:
         monitor.watch(None)
         logger.exception("cell %s failed", key)
@@ -647,6 +682,7 @@ def _run_cell(storage: BaseStorage, study: optuna.Study, trial: FrozenTrial,
 
 def reports_from_storage(storage: BaseStorage | str | Path | None, study_name: str) -> list[dict]:
     """The stored report of every completed cell: one per cell key, from its newest COMPLETE trial."""
+    config.check_name("queue name", study_name)  # before the storage is opened (or created)
     storage = _as_storage(storage)
     trials = _load_study(storage, study_name).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     newest: dict[str, FrozenTrial] = {}
@@ -669,6 +705,7 @@ def queue_plans(storage: BaseStorage | str | Path | None, study_name: str) -> li
 
 def queue_status(storage: BaseStorage | str | Path | None, study_name: str) -> dict[str, Any]:
     """Counts of trials per state, cells done, cells given up (key -> reason) and the done reports."""
+    config.check_name("queue name", study_name)  # before the storage is opened (or created)
     storage = _as_storage(storage)
     trials = _load_study(storage, study_name).get_trials(deepcopy=False)
     trials = [t for t in trials if KEY_ATTR in t.user_attrs]
@@ -699,6 +736,7 @@ def create_tuning_study(study_name: str, storage: BaseStorage | str | Path | Non
     Trials a killed tuning process left RUNNING are failed first (`fail_interrupted_trials`), so a
     resumed study counts its finished trials right.
     """
+    config.check_name("study name", study_name)
     study = optuna.create_study(
         study_name=study_name, storage=_as_storage(storage), direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(n_warmup_steps=1),

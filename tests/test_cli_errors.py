@@ -130,6 +130,15 @@ def no_runs(tree: Tree) -> None:
         path.unlink()
 
 
+def no_runs_but(name: str) -> Callable[[Tree], None]:
+    def prepare(tree: Tree) -> None:
+        for path in (tree.reports / "runs").glob("*.json"):
+            if path.name != name:
+                path.unlink()
+
+    return prepare
+
+
 def malformed_report(tree: Tree) -> None:
     (tree.reports / "runs" / "broken.json").write_text('{"schema_version": 1, "run_id": ')
 
@@ -218,11 +227,10 @@ QUEUE_AND_REPORT_CASES = [
     Case("database on a closed port", ("status", "--storage", "postgresql+psycopg2://nobody@127.0.0.1:9/none"),
          ("cannot reach", "127.0.0.1")),
     Case("status of a missing queue", ("status", "--study", "nosuch"), ("nosuch",)),
-    Case("malformed report", ("summary",), ("broken.json",), prepare=malformed_report),
-    Case("report without its test metrics", ("summary",), ("partial.json", "'test'"),
-         prepare=report_without("test")),
-    Case("report without its model name", ("figures",), ("partial.json", "config.model"),
-         prepare=report_without("config.model")),
+    Case("summary of only a malformed report", ("summary",), ("no finished runs",),
+         prepare=lambda tree: (no_runs(tree), malformed_report(tree))),
+    Case("figures of only a report without its model name", ("summary",), ("no finished runs",),
+         prepare=lambda tree: (report_without("config.model")(tree), no_runs_but("partial.json")(tree))),
 ]
 
 TEACHER_CASES = [
@@ -365,6 +373,19 @@ MORE_BAD_INPUTS = [
     (("grid", *TINY_RUN, "--stages", "stage1_basic", "--no-top-up", "--seeds-max", "4"), "--no-top-up"),
     (("study", "--seeds-max", "1"), "--seeds-max"),
     (("grid", "--min-effect", "0"), "--min-effect"),
+    # Flags that contradict each other, or would be silently ignored
+    (run_args("--kd-alpha", "0.5"), "--teacher"),
+    (run_args("--kd-temperature", "2"), "--teacher"),
+    (run_args("--no-hflip", "--stage", "randaugment", "--p-aug", "1"), "--no-hflip"),
+    (run_args("--no-hflip"), "--no-hflip"),
+    (run_args("--stage", "none", "--p-aug", "0.7"), "--p-aug 0.7"),
+    (run_args("--p-aug", "0.5"), "--stage"),
+    (run_args("--stage", "stage3_color"), "--p-aug"),
+    (run_args("--num-workers", "64"), "--loader torch"),
+    (run_args("--momentum", "0.5"), "--optimizer sgd"),
+    (("grid", *TINY_RUN, "--no-hflip", "--stages", "autoaugment_svhn", "randaugment", "--severities"), "--no-hflip"),
+    (("tune", "--stage", "stage1_basic", "--p-aug", "0.5"), "tune searches p_aug"),
+    (("tune", "--n-trials", "1"), "--stage"),
 ]
 
 
