@@ -15,24 +15,22 @@ import pandas as pd
 
 import config
 from atomic_io import atomic_write_json
-from config import ConfigError, TrainConfig
+from config import DEFAULT_QUEUE_NAME, DEFAULT_SEVERITIES, TUNE_QUEUE_NAME, ConfigError, TrainConfig, grid_queue_name
 from data_loading import prepare_data
 from reports import (
-    DEFAULT_QUEUE_NAME,
     comparison_row,
     figures,
-    grid_queue_name,
     load_reports,
     same_test_labels,
     save_tuning_figures,
     write_summary,
 )
 from runs import (
-    DEFAULT_SEVERITIES,
     announcer,
     best_val_f1,
     canonical_config,
     check_device,
+    finished_report_path,
     load_teacher,
     parse_digits,
     read_report,
@@ -52,9 +50,6 @@ from work_queue import (
     queue_status,
     run_worker,
 )
-
-TUNE_QUEUE_NAME = "tuning"  # prefixed with the dataset: "<dataset>-tuning"
-
 
 # ---------------------------------------------------------------- the grid as a work queue
 
@@ -155,11 +150,12 @@ def _run_worker_processes(workers: int, storage: str, queue_name: str, device: s
 
 
 def _collect_reports(configs: list[TrainConfig]) -> list[dict]:
-    missing = [run_id(cfg) for cfg in configs if not report_path(run_id(cfg)).exists()]
+    found = {run_id(cfg): finished_report_path(cfg) for cfg in configs}
+    missing = [key for key, path in found.items() if path is None]
     if missing:
         raise QueueError(f"{len(missing)} cell(s) did not finish: {missing[:5]}...; see the queue's "
                            "failed trials (python experiments.py status) and run a worker again")
-    return [read_report(report_path(run_id(cfg))) for cfg in configs]
+    return [read_report(path) for path in found.values()]
 
 
 # ---------------------------------------------------------------- Optuna tuning

@@ -15,18 +15,11 @@ import pandas as pd
 import config
 import visualization as viz
 from atomic_io import atomic_write_text
+from config import DEFAULT_QUEUE_NAME
 from data_loading import compute_channel_stats, load_split
 from runs import ReportError, best_val_f1, model_path, parse_digits, read_report, report_path
 from stats import FAMILY_METHOD, at_chance, chance_band, compare_family, format_estimate, seed_summary, still_improving
 from work_queue import is_storage, open_storage, reports_from_storage
-
-
-def grid_queue_name(dataset: str) -> str:
-    """The queue a grid uses when none is named: it follows the dataset ("synthetic-grid")."""
-    return f"{dataset}-grid"
-
-
-DEFAULT_QUEUE_NAME = grid_queue_name("synthetic")  # what worker, status and summary read unless told
 
 ROW_COLUMNS = [
     "run_id", "dataset", "model", "stage", "p_aug", "seed", "preset", "epochs", "teacher",
