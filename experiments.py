@@ -305,12 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not the one it was made with: ``main``
+    may run several times in one process (a notebook, the tests) with stderr replaced in between."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def show_library_log() -> None:
     """The library's log lines (queue events, Optuna's trials) on stderr, as plain text; other
     libraries' INFO chatter stays off."""
     log = logging.getLogger("work_queue")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
