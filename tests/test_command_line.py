@@ -217,7 +217,7 @@ def test_runs_show_gives_result_files_and_configuration(catalog, capsys):
 
 
 @pytest.mark.parametrize("reference, message", [("nosuch", "no finished run 'nosuch'"),
-                                                ("synthetic-simplecnn-none", "3 runs start with"),
+                                                ("synthetic-simplecnn-none", "2 runs start with"),
                                                 ("../../etc/passwd", "no finished run")])
 def test_runs_show_refuses_unknown_or_ambiguous_ids(catalog, capsys, reference, message):
     status, _, err = main(["runs", "show", reference], capsys)
