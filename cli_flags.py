@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -14,7 +15,6 @@ import typing
 
 import config
 from config import TrainConfig
-from runs import DEFAULT_SEVERITIES
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -75,9 +75,15 @@ def safe_name(text: str) -> str:
 # ---------------------------------------------------------------- flags from TrainConfig
 
 
+@functools.cache
+def _field_types() -> dict[str, type]:
+    """TrainConfig's annotations, evaluated once (each evaluation compiles every one of them anew)."""
+    return typing.get_type_hints(TrainConfig)
+
+
 def _flag_type(field: dataclasses.Field):
     """The argparse type of a TrainConfig field: int, float or str (``X | None`` -> X)."""
-    hint = typing.get_type_hints(TrainConfig)[field.name]
+    hint = _field_types()[field.name]
     if isinstance(hint, types.UnionType):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     return hint
@@ -181,7 +187,7 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Device and quietness, and the corruption severities of the runs' robustness evaluation."""
     add_device_flags(parser)
-    parser.add_argument("--severities", nargs="*", type=int, choices=(1, 2, 3), default=list(DEFAULT_SEVERITIES),
+    parser.add_argument("--severities", nargs="*", type=int, choices=(1, 2, 3), default=list(config.DEFAULT_SEVERITIES),
                         help="corruption severities of the robustness evaluation (none: skip it)")
 
 
@@ -192,3 +198,27 @@ def add_queue_flags(parser: argparse.ArgumentParser, default_queue: str | None, 
     parser.add_argument("--study", dest="queue", default=default_queue, type=safe_name,
                         help="name of the queue in the storage" + (f" (default: {shown_default})" if shown_default
                                                                     else ""))
+
+
+# ---------------------------------------------------------------- printed tables
+
+
+def text_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """Rows as an aligned plain-text table (numbers right-aligned), for a terminal; columns default to
+    the first row's keys."""
+    columns = columns or list(rows[0])
+    cells = [[_cell_text(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(text) for text in [column, *(line[i] for line in cells)]) for i, column in enumerate(columns)]
+    numeric = [all(isinstance(row.get(column), int | float) for row in rows) for column in columns]
+
+    def line(texts: list[str]) -> str:
+        padded = (t.rjust(w) if right else t.ljust(w) for t, w, right in zip(texts, widths, numeric, strict=True))
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _cell_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)

@@ -304,3 +304,25 @@ def resolve_device(device: str = "auto") -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+# ---------------------------------------------------------------- defaults the command line shows
+# Here rather than in runs, reports or pipeline, whose imports (torch, pandas, Optuna) would make
+# every --help wait for them.
+
+# Seeds: the top-up's defaults (pipeline.TopUp), its cap in the quick study, and the seeds per arm of a
+# distillation or preset comparison. Here, not in pipeline, so the command line's help loads no library.
+TOP_UP_SEEDS_MAX = 8
+TOP_UP_MIN_EFFECT = 0.02  # macro-F1
+QUICK_SEEDS_MAX = 3
+COMPARISON_SEEDS = 3
+DEFAULT_SEVERITIES = (1, 2, 3)  # corruption severities of a run's robustness evaluation
+TUNE_QUEUE_NAME = "tuning"  # prefixed with the dataset: "<dataset>-tuning"
+
+
+def grid_queue_name(dataset: str) -> str:
+    """The queue a grid uses when none is named: it follows the dataset ("synthetic-grid")."""
+    return f"{dataset}-grid"
+
+
+DEFAULT_QUEUE_NAME = grid_queue_name("synthetic")  # what worker and summary read unless told

@@ -21,14 +21,12 @@ import torch
 
 import config
 from atomic_io import atomic_write_json
-from config import ConfigError, TrainConfig
+from config import DEFAULT_QUEUE_NAME, DEFAULT_SEVERITIES, TUNE_QUEUE_NAME, ConfigError, TrainConfig, grid_queue_name
 from data_loading import prepare_data
 from reports import (
-    DEFAULT_QUEUE_NAME,
     PLANS_FIELD,
     comparison_row,
     figures,
-    grid_queue_name,
     load_reports,
     report_plans,
     run_label,
@@ -37,12 +35,12 @@ from reports import (
     write_summary,
 )
 from runs import (
-    DEFAULT_SEVERITIES,
     announcer,
     best_val_f1,
     canonical_config,
     check_device,
     device_bytes,
+    finished_report_path,
     load_teacher,
     parse_digits,
     read_report,
@@ -63,9 +61,6 @@ from work_queue import (
     queue_status,
     run_worker,
 )
-
-TUNE_QUEUE_NAME = "tuning"  # prefixed with the dataset: "<dataset>-tuning"
-
 
 # ---------------------------------------------------------------- the grid as a work queue
 
@@ -166,8 +161,8 @@ class TopUp:
     so looking at the first seeds does not raise the false-positive rate.
     """
 
-    seeds_max: int = 8
-    min_effect: float = 0.02
+    seeds_max: int = config.TOP_UP_SEEDS_MAX
+    min_effect: float = config.TOP_UP_MIN_EFFECT
     power: float = 0.8
 
     def __post_init__(self) -> None:
@@ -338,11 +333,12 @@ def _run_worker_processes(workers: int, storage: str, queue_name: str, device: s
 
 
 def _collect_reports(configs: list[TrainConfig]) -> list[dict]:
-    missing = [run_id(cfg) for cfg in configs if not report_path(run_id(cfg)).exists()]
+    found = {run_id(cfg): finished_report_path(cfg) for cfg in configs}
+    missing = [key for key, path in found.items() if path is None]
     if missing:
         raise QueueError(f"{len(missing)} cell(s) did not finish: {missing[:5]}...; see the queue's "
                            "failed trials (python experiments.py status) and run a worker again")
-    return [read_report(report_path(run_id(cfg))) for cfg in configs]
+    return [read_report(path) for path in found.values()]
 
 
 # ---------------------------------------------------------------- Optuna tuning
@@ -438,7 +434,7 @@ def best_run_id(model: str = "resnet18", dataset: str | None = None) -> str:
 
 
 # Seeds of each arm of a comparison (distillation, presets): the fewest with which a verdict can be read.
-COMPARISON_SEEDS = 3
+COMPARISON_SEEDS = config.COMPARISON_SEEDS
 
 
 def distill(teacher: str = "best", student: str = "simplecnn", T: float = 4.0, alpha: float = 0.7, *,
@@ -571,7 +567,7 @@ class StudyPlan:
 
 # The quick plan's seed cap: two first seeds per cell, then at most a third where their spread needs it
 # (at 1,000 test images every cell does), so the demo trains 9 runs at most, as with three fixed seeds.
-QUICK_SEEDS_MAX = 3
+QUICK_SEEDS_MAX = config.QUICK_SEEDS_MAX
 
 
 def study_plan(quick: bool) -> StudyPlan:

@@ -16,7 +16,7 @@ import pandas as pd
 import config
 import visualization as viz
 from atomic_io import atomic_write_text
-from config import TrainConfig
+from config import DEFAULT_QUEUE_NAME, TrainConfig
 from data_loading import compute_channel_stats, load_split
 from report_schema import POSITIVE, UNIT, ReportError, check_report
 from runs import best_val_f1, model_path, parse_digits, read_report, report_path
@@ -33,14 +33,6 @@ from stats import (
     still_improving,
 )
 from work_queue import is_storage, mask_password, open_storage, queue_plans, reports_from_storage
-
-
-def grid_queue_name(dataset: str) -> str:
-    """The queue a grid uses when none is named: it follows the dataset ("synthetic-grid")."""
-    return f"{dataset}-grid"
-
-
-DEFAULT_QUEUE_NAME = grid_queue_name("synthetic")  # what worker, status and summary read unless told
 
 ROW_COLUMNS = [
     "run_id", "dataset", "model", "stage", "p_aug", "seed", "preset", "epochs", "teacher",

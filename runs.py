@@ -33,7 +33,7 @@ from augmentations import (
     stage_ops,
 )
 from checkpoints import remove_checkpoint
-from config import ConfigError, TrainConfig
+from config import DEFAULT_SEVERITIES, ConfigError, TrainConfig
 from data_loading import (
     DeviceLoader,
     RunData,
@@ -49,7 +49,6 @@ from stats import at_chance, bootstrap_ci, chance_band, still_improving
 from training import compute_metrics, device_label, fit, predict, synchronize
 
 CORRUPTION_SEED = 1234  # the corrupted test copies are the same for every run
-DEFAULT_SEVERITIES = (1, 2, 3)
 
 
 # ---------------------------------------------------------------- identity
@@ -73,7 +72,16 @@ def canonical_config(cfg: TrainConfig) -> TrainConfig:
 def run_id(cfg: TrainConfig) -> str:
     """A readable key of everything that changes a run's result: the canonical settings
     (``TrainConfig.identity``), the stage's op specs (custom stages included) and the fingerprints of
-    the data files actually read. Identical runs share it; a change to any of these gives a new one."""
+    the data files actually read, hashed into its last part. Identical runs share it; a change to any
+    of these gives a new one. The readable part names dataset, model, stage, p_aug, learning rate,
+    epochs, train images ("nfull": the whole split) and seed, e.g.
+    ``synthetic-simplecnn-stage3_color-p0.5-lr0.001-e15-nfull-s42-1a2b3c4d5e``."""
+    return run_ids(cfg)[0]
+
+
+def run_ids(cfg: TrainConfig) -> tuple[str, str]:
+    """(run id, legacy run id): the legacy id is the one the library gave the same run before the
+    readable part named lr, epochs and train size (same hash), under which older reports are stored."""
     cfg = canonical_config(cfg)
     identity = {
         "config": cfg.identity(),
@@ -81,8 +89,18 @@ def run_id(cfg: TrainConfig) -> str:
         "data": {split: data_fingerprint(cfg.dataset, split) for split in ("train", "test")},
     }
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    kind = "kd-" if cfg.teacher else ""
-    return f"{cfg.dataset}-{kind}{cfg.model}-{cfg.stage}-p{cfg.p_aug:g}-s{cfg.seed}-{digest}"
+    head = f"{cfg.dataset}-{'kd-' if cfg.teacher else ''}{cfg.model}-{cfg.stage}-p{cfg.p_aug:g}"
+    budget = f"lr{cfg.lr:g}-e{cfg.epochs}-n{cfg.n_train or 'full'}"
+    return f"{head}-{budget}-s{cfg.seed}-{digest}", f"{head}-s{cfg.seed}-{digest}"
+
+
+def finished_report_path(cfg: TrainConfig) -> Path | None:
+    """The report of ``cfg``'s finished run, under its run id or its legacy id (so reports written before
+    run ids named lr, epochs and train size are still found, never retrained); None when unfinished."""
+    for key in run_ids(cfg):
+        if report_path(key).exists():
+            return report_path(key)
+    return None
 
 
 # ---------------------------------------------------------------- where a run's files live
@@ -168,27 +186,34 @@ def _per_sample_loaders(cfg: TrainConfig, data: RunData):
 
 
 def run(cfg: TrainConfig, *, device: str = "auto", quiet: bool = False,
-        severities: tuple[int, ...] = DEFAULT_SEVERITIES, on_epoch_end=None) -> dict:
-    """Train one configuration, or load it when an identical run has finished.
+        severities: tuple[int, ...] = DEFAULT_SEVERITIES, on_epoch_end=None, force: bool = False) -> dict:
+    """Train one configuration, or load it (saying so) when an identical run has finished; ``force``
+    retrains a finished run, replacing its report and model only once the new ones are written.
 
     An interrupted run resumes from its last finished epoch (per-epoch checkpoint).
     Returns the report (also written to ``reports/runs/<run_id>.json``).
     """
     requested = cfg
     cfg = canonical_config(cfg)
-    key = run_id(cfg)
-    if report_path(key).exists():
-        return read_report(report_path(key))
-    device = preflight(cfg, device)
     say = announcer(quiet)
-    say(f"run {key}: {cfg.model}, {cfg.epochs} epoch(s) on {device}")
+    finished = finished_report_path(cfg)
+    if finished is not None and not force:
+        say(f"finished run loaded from {finished} (retrain it with --force, or force=True)")
+        return read_report(finished)
+    # A forced retrain keeps the id its report was found under, so references to it (teachers) stay valid.
+    key = finished.stem if finished is not None else run_id(cfg)
+    device = preflight(cfg, device)
+    say(f"run {key}: {cfg.model}, {cfg.epochs} epoch(s) on {device}" + (" (retraining a finished run)"
+                                                                          if finished is not None else ""))
     trained = train_model(cfg, device, quiet=quiet, checkpoint=checkpoint_path(key), on_epoch_end=on_epoch_end,
                           metrics_csv=metrics_csv_path(key), tensorboard_dir=config.REPORTS_DIR / "tensorboard" / key)
     report = build_report(cfg, trained, device, severities, quiet)
+    report["run_id"] = key
     report["requested_sizes"] = {"n_train": requested.n_train, "n_test": requested.n_test}
     atomic_torch_save(trained.model.state_dict(), model_path(key))
     report["model_sha256"] = file_sha256(model_path(key))
-    atomic_write_json(report_path(key), report)  # the report is the commit point
+    # The report is the commit point: a forced retrain's old report stays whole until this replaces it.
+    atomic_write_json(report_path(key), report)
     remove_checkpoint(checkpoint_path(key))
     say(f"report: {report_path(key)}")
     return report

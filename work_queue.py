@@ -148,6 +148,18 @@ def open_storage(url: str | Path | None = None, *, connect_timeout: int = 5) -> 
     return _open_database(text, connect_timeout)
 
 
+def open_existing_storage(url: str | Path | None = None) -> BaseStorage:
+    """``open_storage`` for reading: a journal or SQLite file that does not exist yet is an error
+    rather than a new empty storage (a database server answers for itself)."""
+    text = default_storage() if url is None else str(url)
+    if "://" not in text or text.startswith(("journal://", "sqlite:///")):
+        path = Path(text.removeprefix("journal://").removeprefix("sqlite:///"))
+        if not path.exists():
+            raise QueueError(f"no queue storage at {path} (nothing was queued there yet): run grid or study "
+                             "first, or name the storage with --storage")
+    return open_storage(url)
+
+
 def _open_journal(path: Path) -> JournalStorage:
     _check_journal_path(path)
     try:
@@ -724,6 +736,48 @@ def queue_status(storage: BaseStorage | str | Path | None, study_name: str) -> d
         "failed": {k: reasons[k] for k, states in states_by_key.items() if states == {TrialState.FAIL}},
         "reports": reports,
     }
+
+
+# A cell's state from its trials: done when one COMPLETE trial holds its report, else its newest trial's.
+CELL_STATES = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "waiting",
+               TrialState.FAIL: "failed", TrialState.PRUNED: "done"}
+
+
+def cell_states(storage: BaseStorage | str | Path | None, study_name: str) -> list[dict[str, Any]]:
+    """One row per cell of a queue, in the order they were queued: its key, state (done, running,
+    waiting, or failed: given up, with the reason), retries so far and the worker of its newest trial."""
+    return _cell_rows(_load_study(_as_storage(storage), study_name).get_trials(deepcopy=False))
+
+
+def _cell_rows(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    by_key: dict[str, list[FrozenTrial]] = {}
+    for trial in sorted(trials, key=lambda t: t.number):
+        if KEY_ATTR in trial.user_attrs:
+            by_key.setdefault(trial.user_attrs[KEY_ATTR], []).append(trial)
+    rows = []
+    for key, cell_trials in by_key.items():
+        newest = cell_trials[-1]
+        done = any(t.state == TrialState.COMPLETE for t in cell_trials)
+        state = "done" if done else CELL_STATES[newest.state]
+        reason = newest.user_attrs.get(ERROR_ATTR) or newest.user_attrs.get(FAIL_REASON_ATTR, "?")
+        rows.append({"cell": key, "state": state, "retries": newest.user_attrs.get(RETRIES_ATTR, 0),
+                     "worker": newest.user_attrs.get(WORKER_ATTR, ""), "reason": reason if state == "failed" else ""})
+    return rows
+
+
+def storage_overview(storage: BaseStorage | str | Path | None) -> list[dict[str, Any]]:
+    """One row per study in the storage, with its progress: a queue counts its cells per state
+    (`cell_states`); a tuning study (trials without cells) counts its trials, finished ones (complete
+    or pruned) as done."""
+    storage = _as_storage(storage)
+    rows = []
+    for name in optuna.get_all_study_names(storage):
+        trials = _load_study(storage, name).get_trials(deepcopy=False)
+        cells = _cell_rows(trials)
+        states = Counter(cell["state"] for cell in cells) if cells else Counter(CELL_STATES[t.state] for t in trials)
+        rows.append({"study": name, "kind": "queue" if cells else "tuning", "total": sum(states.values()),
+                     **{state: states.get(state, 0) for state in ("done", "running", "waiting", "failed")}})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

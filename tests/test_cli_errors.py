@@ -1,19 +1,25 @@
-"""Bad inputs and faults through the command line, each run as a user would run it (a subprocess).
+"""Bad inputs and faults through the command line, each run as a user would run it.
 
 Every case must end with a non-zero exit status, stderr's last line ``error: ...`` naming the problem,
-no traceback anywhere, and every file already written (reports, models, data) unchanged.
+no traceback anywhere, and every file already written (reports, models, data) unchanged. A case runs
+through ``experiments.main`` in this process (its folders and environment set as a process would
+have them, stdout and stderr captured, an escaping exception printed as a process would print it);
+a case that needs a real process (``process``) runs ``python experiments.py`` in one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatch
@@ -52,13 +58,17 @@ class Tree:
     def models(self) -> Path:
         return self.root / "models"
 
-    def env(self) -> dict[str, str]:
+    def overrides(self) -> dict[str, str]:
+        """The environment variables a case runs with, on top of this process's (no_proxy removed)."""
         # The proxy points at a closed port: a download that is attempted fails at once, never fetches.
         proxy = "http://127.0.0.1:9"
-        env = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
-        return {**env, "SVHN_AUG_DATA_DIR": str(self.data), "SVHN_AUG_MODELS_DIR": str(self.models),
+        return {"SVHN_AUG_DATA_DIR": str(self.data), "SVHN_AUG_MODELS_DIR": str(self.models),
                 "SVHN_AUG_REPORTS_DIR": str(self.reports), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
                 "http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy}
+
+    def env(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+        return {**env, **self.overrides()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +80,7 @@ class Case:
     may_create: tuple[str, ...] = ()  # globs (relative to the case's root) of files the case may create
     xfail: str | None = None
     skip: str | None = None
+    process: str | None = None  # why the case needs a process of its own (default: run in this one)
 
 
 # ---------------------------------------------------------------- how cases damage their tree
@@ -164,7 +175,8 @@ def truncated_teacher_model(tree: Tree) -> None:
 # ---------------------------------------------------------------- the table
 
 CONFIG_CASES = [
-    Case("n_train below the minimum", run_args("--n-train", "5"), ("n_train", "at least 100")),
+    Case("n_train below the minimum", run_args("--n-train", "5"), ("n_train", "at least 100"),
+         process="the entry point itself: a library error's exit status and stderr in a real process"),
     Case("n_train zero", run_args("--n-train", "0"), ("n_train",)),
     Case("negative seed", run_args("--seed", "-1"), ("seed", "non-negative")),
     Case("fractional epochs", run_args("--epochs", "1.5"), ("--epochs", "1.5")),
@@ -181,7 +193,8 @@ CONFIG_CASES = [
 ]
 
 CHOICE_CASES = [
-    Case("unknown stage", run_args("--stage", "nope"), ("--stage", "invalid choice", "nope")),
+    Case("unknown stage", run_args("--stage", "nope"), ("--stage", "invalid choice", "nope"),
+         process="the entry point itself: a usage error's exit status and stderr in a real process"),
     Case("unknown model", run_args("--model", "vgg"), ("--model", "vgg")),
     Case("unknown optimizer", run_args("--optimizer", "rmsprop"), ("--optimizer", "rmsprop")),
     Case("grid with an unknown stage", ("grid", "--stages", "nope"), ("--stages", "nope")),
@@ -286,20 +299,47 @@ def run_case(case: Case, tree: Tree) -> dict:
     args = [arg.format(**fill) for arg in case.args]
     watched = (tree.root, tree.data)
     before = snapshot(*watched)
-    command = [sys.executable, str(config.ROOT / "experiments.py"), *args]
-    try:
-        done = subprocess.run(command, cwd=config.ROOT, env=tree.env(), capture_output=True, text=True,
-                              timeout=CASE_TIMEOUT_S)
-        status, stdout, stderr = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as err:
-        status, stdout, stderr = None, str(err.stdout), str(err.stderr)
+    status, stdout, stderr = (run_in_a_process if case.process else run_in_this_process)(args, tree)
     return {"args": args, "status": status, "stdout": stdout, "stderr": stderr, "before": before,
             "after": snapshot(*watched), "keywords": [k.format(**fill) for k in case.keywords]}
 
 
+def run_in_a_process(args: list[str], tree: Tree) -> tuple[int | None, str, str]:
+    command = [sys.executable, str(config.ROOT / "experiments.py"), *args]
+    try:
+        done = subprocess.run(command, cwd=config.ROOT, env=tree.env(), capture_output=True, text=True,
+                              timeout=CASE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        return None, str(err.stdout), str(err.stderr)
+    return done.returncode, done.stdout, done.stderr
+
+
+def run_in_this_process(args: list[str], tree: Tree) -> tuple[int, str, str]:
+    """``experiments.main(args)`` with the case's folders and environment, as ``python experiments.py``
+    would run it: an exception that escapes main is printed with its traceback (status 1)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for name in ("no_proxy", "NO_PROXY"):
+            patch.delenv(name, raising=False)
+        for name, value in tree.overrides().items():
+            patch.setenv(name, value)
+        for name, path in (("DATA_DIR", tree.data), ("MODELS_DIR", tree.models), ("REPORTS_DIR", tree.reports),
+                           ("RUNS_DIR", tree.reports / "runs"), ("FIGURES_DIR", tree.reports / "figures")):
+            patch.setattr(config, name, path)
+        try:
+            status = experiments.main(args)
+        except SystemExit as exit_:  # usage errors leave through argparse's exit
+            status = exit_.code
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+    return status, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="session")
 def outcomes(finished_tree, tiny_data_dir, tmp_path_factory) -> dict[str, dict]:
-    """Every case of the table, run concurrently (each in its own copy of the finished tree)."""
+    """Every case of the table, each in its own copy of the finished tree: cases in this process one
+    after another, cases that need a process of their own concurrently with them."""
     source, teacher = finished_tree
     trees = {}
     for index, case in enumerate(c for c in CASES if c.skip is None):
@@ -311,8 +351,9 @@ def outcomes(finished_tree, tiny_data_dir, tmp_path_factory) -> dict[str, dict]:
             case.prepare(tree)
         trees[case.name] = (case, tree)
     with ThreadPoolExecutor(PARALLEL_CASES) as pool:
-        futures = {name: pool.submit(run_case, case, tree) for name, (case, tree) in trees.items()}
-        return {name: future.result() for name, future in futures.items()}
+        futures = {name: pool.submit(run_case, case, tree) for name, (case, tree) in trees.items() if case.process}
+        results = {name: run_case(case, tree) for name, (case, tree) in trees.items() if not case.process}
+        return {**results, **{name: future.result() for name, future in futures.items()}}
 
 
 def _param(case: Case):
