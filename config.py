@@ -21,6 +21,8 @@ DATA_DIR = Path(os.environ.get("SVHN_AUG_DATA_DIR", ROOT / "data"))
 MODELS_DIR = Path(os.environ.get("SVHN_AUG_MODELS_DIR", ROOT / "models"))
 REPORTS_DIR = Path(os.environ.get("SVHN_AUG_REPORTS_DIR", ROOT / "reports"))
 FIGURES_DIR = REPORTS_DIR / "figures"
+# Figure files: PNG always; PDF and SVG are the vector copies a paper prints (`figures --format`).
+FIGURE_FORMATS = ("png", "pdf", "svg")
 RUNS_DIR = REPORTS_DIR / "runs"
 
 NUM_CLASSES = 10

@@ -48,7 +48,6 @@ POLICY_KINDS = {"randaugment": "automated policy", "trivialaugment": "automated 
                 "autoaugment_svhn": "learned policy"}
 # Fewer completed trials than this give importances that are noise.
 MIN_TRIALS_FOR_IMPORTANCES = 10
-FIGURE_FORMATS = ("png", "pdf", "svg")
 THUMBNAIL_WIDTH_PX = 480  # README gallery
 
 
@@ -75,8 +74,8 @@ def count_text(count: int, noun: str) -> str:
 
 def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     """The figure file formats asked for, checked: PNG always, plus PDF and/or SVG."""
-    unknown = sorted(set(formats) - set(FIGURE_FORMATS))
-    config.require(not unknown, f"unknown figure format(s) {unknown}; choose from {', '.join(FIGURE_FORMATS)}")
+    unknown = sorted(set(formats) - set(config.FIGURE_FORMATS))
+    config.require(not unknown, f"unknown figure format(s) {unknown}; choose from {', '.join(config.FIGURE_FORMATS)}")
     return tuple(dict.fromkeys(("png", *formats)))
 
 
