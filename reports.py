@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -410,8 +411,7 @@ def forest_rows(frame: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
     rows = []
     for _, cell in ordered_cells(cells).iterrows():
         seeds = cell_runs(frame, cell)["f1_macro"].to_numpy(dtype=float) - base_mean
-        label = (f"no augmentation (macro-F1 {base_mean:.3f})" if cell["stage"] == "none"
-                 else f"{cell['stage']}, p_aug {cell['p_aug']:g}")
+        label = f"no augmentation (macro-F1 {base_mean:.3f})" if cell["stage"] == "none" else cell_label(cell)
         rows.append({"label": label, "diff": 0.0 if cell["stage"] == "none" else cell["diff"],
                      "low": cell["diff_low"], "high": cell["diff_high"], "verdict": verdict_kind(cell),
                      "seed_diffs": seeds})
@@ -438,18 +438,16 @@ def val_f1_curves(frame: pd.DataFrame, cell) -> np.ndarray:
     return curves
 
 
-def robustness_drops(frame: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
-    """Per cell and corruption kind (and their mean), the drop from clean to corrupted test macro-F1: mean
-    over seeds with a Student-t interval over seeds (NaN bounds for one seed)."""
+def robustness_drops(groups: Mapping[str, Sequence[dict]]) -> pd.DataFrame:
+    """Per group of runs (e.g. a cell's seeds) and corruption kind (and their mean), the drop from clean to
+    corrupted test macro-F1: mean over the runs with a Student-t interval over them (NaN bounds for one run).
+    Groups evaluated without corruptions are left out."""
     rows = []
-    for _, cell in ordered_cells(cells).iterrows():
-        reports_ = list(cell_runs(frame, cell)["report"])
+    for label, reports_ in groups.items():
         if not reports_[0]["robustness"]["severities"]:
             continue
-        label = "no augmentation" if cell["stage"] == "none" else f"{cell['stage']}, p_aug {cell['p_aug']:g}"
-        kinds = list(reports_[0]["robustness"]["f1_macro"])
         per_kind = {kind: [r["test"]["f1_macro"] - r["robustness"]["f1_macro"][kind] for r in reports_]
-                    for kind in kinds}
+                    for kind in reports_[0]["robustness"]["f1_macro"]}
         per_kind["mean over kinds"] = [r["test"]["f1_macro"] - r["robustness"]["mean_f1_macro"] for r in reports_]
         for kind, drops in per_kind.items():
             summary = seed_summary(drops)
@@ -458,6 +456,11 @@ def robustness_drops(frame: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
                          "low": np.nan if single else summary["ci_low"],
                          "high": np.nan if single else summary["ci_high"]})
     return pd.DataFrame(rows)
+
+
+def cell_groups(frame: pd.DataFrame, cells: pd.DataFrame) -> dict[str, list[dict]]:
+    """{cell label: the reports of its seeds}, the baseline first, then the stages in the study's order."""
+    return {cell_label(cell): list(cell_runs(frame, cell)["report"]) for _, cell in ordered_cells(cells).iterrows()}
 
 
 def best_and_baseline(frame: pd.DataFrame, cells: pd.DataFrame):
@@ -473,51 +476,90 @@ def cell_label(cell) -> str:
     return "no augmentation" if cell["stage"] == "none" else f"{cell['stage']}, p_aug {cell['p_aug']:g}"
 
 
+def _family_text(cells: pd.DataFrame) -> tuple[str, str, str]:
+    """(model's display name, budget line naming the family, note naming the family's test) of a figure."""
+    first = cells.iloc[0]
+    name = viz.model_label(first["model"])
+    budget = f"{name}, {first['preset']} preset, lr {first['lr']:.3g}; {cells_budget(cells)}"
+    tested = int(cells["family_size"].max())
+    note = (f"seed-aware test, Holm over {viz.count_text(tested, 'tested cell')}" if tested
+            else "no cell is tested (one seed, or no baseline)")
+    return name, budget, note
+
+
+def forest_figure(frame: pd.DataFrame, cells: pd.DataFrame, title: str | None = None):
+    """The forest plot of these cells of one family (the baseline among them)."""
+    name, budget, note = _family_text(cells)
+    return viz.plot_forest(forest_rows(frame, cells), cells["dataset"].iloc[0], budget=budget,
+                           title=title or f"{name}: difference from no augmentation per cell ({note})")
+
+
+def difference_figure(cells: pd.DataFrame, title: str | None = None):
+    """The stage x p_aug heatmap of differences from no augmentation (None without augmented cells)."""
+    tables = difference_tables(cells)
+    if tables["diff"].empty:
+        return None
+    name, budget, note = _family_text(cells)
+    return viz.plot_difference_heatmap(tables["diff"], tables["verdict"], tables["n_seeds"], cells["dataset"].iloc[0],
+                                       budget=budget, low=tables["low"], high=tables["high"], note=note,
+                                       title=title or f"{name}: difference from no augmentation, stage × p_aug")
+
+
+def effect_figure(frame: pd.DataFrame, cells: pd.DataFrame, title: str | None = None):
+    """Each augmented cell's difference from the baseline in validation macro-F1 after every epoch."""
+    name, budget, _ = _family_text(cells)
+    _, base = best_and_baseline(frame, cells)
+    augmented = {(c["stage"], c["p_aug"]): c for _, c in ordered_cells(cells[cells["stage"] != "none"]).iterrows()}
+    return viz.plot_effect_vs_budget(
+        val_f1_curves(frame, base), {key: val_f1_curves(frame, c) for key, c in augmented.items()},
+        cells["dataset"].iloc[0], budget=budget, verdicts={key: verdict_kind(c) for key, c in augmented.items()},
+        title=title or f"{name}: difference from no augmentation in validation macro-F1 per epoch "
+                       "(band: range of seeds)")
+
+
+def drops_figure(frame: pd.DataFrame, cells: pd.DataFrame, title: str | None = None):
+    """Each cell's drop in macro-F1 under corruptions (None when the runs were not scored on corruptions)."""
+    drops = robustness_drops(cell_groups(frame, cells))
+    if drops.empty:
+        return None
+    name, budget, _ = _family_text(cells)
+    severities = cell_runs(frame, cells.iloc[0])["report"].iloc[0]["robustness"]["severities"]
+    return viz.plot_robustness_drops(drops, cells["dataset"].iloc[0], severities, budget=budget,
+                                     title=title or f"{name}: drop in macro-F1 under corruptions")
+
+
+def best_cell_figures(frame: pd.DataFrame, cells: pd.DataFrame) -> dict[str, object]:
+    """The best augmented cell (on validation) against the baseline: per-class F1 and learning curves of
+    every seed of both, and the confusion matrix of the cell's best seed (on validation)."""
+    name, budget, _ = _family_text(cells)
+    dataset = cells["dataset"].iloc[0]
+    best, base = best_and_baseline(frame, cells)
+    pair = {f"{cell_label(best)} (best on validation)": best, cell_label(base): base}
+    pair_runs = {label: list(cell_runs(frame, cell)["report"]) for label, cell in pair.items()}
+    chance = chance_band(parse_digits(pair_runs[cell_label(base)][0]["test_labels"]))
+    best_seed = max(pair_runs[next(iter(pair))], key=best_val_f1)
+    return {
+        "per_class_f1": viz.plot_per_class_f1(
+            {label: [r["test"]["f1_per_class"] for r in runs_] for label, runs_ in pair_runs.items()}, dataset,
+            budget=budget, chance=chance, title=f"{name}: per-class F1, best cell and no augmentation"),
+        "learning_curves": viz.plot_learning_curves(
+            {label: [r["history"] for r in runs_] for label, runs_ in pair_runs.items()}, dataset, budget=budget,
+            chance=chance, title=f"{name}: learning curves, best cell and no augmentation (every seed)"),
+        "confusion_best": viz.plot_confusion_matrix(
+            best_seed["test"]["confusion_matrix"], dataset, budget=run_budget(best_seed),
+            title=f"{name}, {cell_label(best)}, seed {best_seed['config']['seed']} (best on validation): "
+                  "confusion matrix (test)"),
+    }
+
+
 def family_figures(frame: pd.DataFrame, cells: pd.DataFrame) -> dict[str, object]:
     """The main figures of one family (cells sharing a baseline): {name: Figure}. The forest plot, the
     difference heatmap, the effect per epoch, the robustness drops, and the best cell (on validation)
     against the baseline: per-class F1, learning curves and the confusion matrix of its best seed."""
-    first = cells.iloc[0]
-    dataset, name = first["dataset"], viz.model_label(first["model"])
-    family = f"{name}, {first['preset']} preset, lr {first['lr']:.3g}"
-    budget = f"{family}; {cells_budget(cells)}"
-    tested = int(cells["family_size"].max())
-    note = (f"seed-aware test, Holm over {viz.count_text(tested, 'tested cell')}" if tested
-            else "no cell is tested (one seed, or no baseline)")
-    figures_ = {"forest": viz.plot_forest(forest_rows(frame, cells), dataset, budget=budget,
-                                          title=f"{name}: difference from no augmentation per cell ({note})")}
-    tables = difference_tables(cells)
-    if not tables["diff"].empty:
-        figures_["difference_heatmap"] = viz.plot_difference_heatmap(
-            tables["diff"], tables["verdict"], tables["n_seeds"], dataset, budget=budget, low=tables["low"],
-            high=tables["high"], note=note, title=f"{name}: difference from no augmentation, stage × p_aug")
-    best, base = best_and_baseline(frame, cells)
-    augmented = ordered_cells(cells[cells["stage"] != "none"])
-    by_key = {(c["stage"], c["p_aug"]): c for _, c in augmented.iterrows()}
-    figures_["effect_vs_budget"] = viz.plot_effect_vs_budget(
-        val_f1_curves(frame, base), {key: val_f1_curves(frame, c) for key, c in by_key.items()}, dataset,
-        budget=budget, verdicts={key: verdict_kind(c) for key, c in by_key.items()},
-        title=f"{name}: difference from no augmentation in validation macro-F1 per epoch (band: range of seeds)")
-    drops = robustness_drops(frame, cells)
-    if not drops.empty:
-        severities = cell_runs(frame, first)["report"].iloc[0]["robustness"]["severities"]
-        figures_["robustness_drops"] = viz.plot_robustness_drops(
-            drops, dataset, severities, budget=budget, title=f"{name}: drop in macro-F1 under corruptions")
-    pair = {f"{cell_label(best)} (best on validation)": best, cell_label(base): base}
-    pair_runs = {label: cell_runs(frame, cell)["report"] for label, cell in pair.items()}
-    chance = chance_band(parse_digits(pair_runs[cell_label(base)].iloc[0]["test_labels"]))
-    figures_["per_class_f1"] = viz.plot_per_class_f1(
-        {label: [r["test"]["f1_per_class"] for r in runs_] for label, runs_ in pair_runs.items()}, dataset,
-        budget=budget, chance=chance, title=f"{name}: per-class F1, best cell and no augmentation")
-    figures_["learning_curves"] = viz.plot_learning_curves(
-        {label: [r["history"] for r in runs_] for label, runs_ in pair_runs.items()}, dataset, budget=budget,
-        chance=chance, title=f"{name}: learning curves, best cell and no augmentation (every seed)")
-    best_seed = max(pair_runs[next(iter(pair))], key=best_val_f1)
-    figures_["confusion_best"] = viz.plot_confusion_matrix(
-        best_seed["test"]["confusion_matrix"], dataset, budget=run_budget(best_seed),
-        title=f"{name}, {cell_label(best)}, seed {best_seed['config']['seed']} (best on validation): confusion "
-              "matrix (test)")
-    return figures_
+    figures_ = {"forest": forest_figure(frame, cells), "difference_heatmap": difference_figure(cells),
+                "effect_vs_budget": effect_figure(frame, cells), "robustness_drops": drops_figure(frame, cells),
+                **best_cell_figures(frame, cells)}
+    return {name: fig for name, fig in figures_.items() if fig is not None}
 
 
 def families(cells: pd.DataFrame) -> list[pd.DataFrame]:
