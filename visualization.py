@@ -366,7 +366,7 @@ VERDICT_STYLES = {
     "at chance": ("at chance: no effect can be read", "tab:purple", "X"),
     "baseline": ("no augmentation (the reference)", "black", "D"),
 }
-VERDICT_MARKS = {"better": " ▲", "worse": " ▼"}  # the heatmap's text marks
+VERDICT_MARKS = {"better": " ▲", "worse": " ▼", "at chance": " ×"}  # the heatmap's text marks
 DIFF_LABEL = "difference in test macro-F1 from no augmentation"
 
 
@@ -546,8 +546,9 @@ def plot_difference_heatmap(diff: pd.DataFrame, verdicts: pd.DataFrame, n_seeds:
                             note: str | None = None) -> Figure:
     """Heatmap of each cell's difference in test macro-F1 from no augmentation (index: stage, columns: p_aug),
     on a diverging colour map centred on 0 (blue better, red worse); ▲/▼ mark the cells the family's test
-    calls significantly better/worse, hatching the cells with one seed (never tested); ``low``/``high`` add
-    the interval under each value; ``note`` (e.g. the family's test) goes under the title.
+    calls significantly better/worse, × the cells at chance, hatching the cells with one seed (never
+    tested); ``low``/``high`` add the interval under each value; ``note`` (e.g. the family's test) goes under
+    the title.
 
     ``verdicts``: same-shape DataFrame of VERDICT_STYLES keys; ``n_seeds``: seeds per cell.
     """
@@ -571,7 +572,7 @@ def plot_difference_heatmap(diff: pd.DataFrame, verdicts: pd.DataFrame, n_seeds:
         if seeds == 1 and np.isfinite(values[r, c]):
             ax.add_patch(Rectangle((c, r), 1, 1, fill=False, hatch="///", edgecolor="0.45", lw=0))
     ax.set(xlabel="p_aug (share of augmented training images)", ylabel="augmentation stage")
-    marks = "▲/▼: significantly better/worse; hatched: 1 seed, not tested"
+    marks = "▲/▼: significantly better/worse; ×: at chance; hatched: 1 seed, not tested"
     ax.set_title(marks if note is None else f"{note}\n{marks}", fontsize=8)
     return fig
 
