@@ -689,7 +689,8 @@ def _comparison_bars(rows: Sequence[Mapping], dataset: str, title: str, xlabel: 
     frame = pd.DataFrame(rows).reindex(columns=["f1_macro", "ci_low", "ci_high"]).astype(float)
     f1 = frame["f1_macro"].to_numpy()
     # A row without an interval gets none (its bounds collapse onto the value).
-    low, high = (frame[key].fillna(frame["f1_macro"]).to_numpy() for key in ("ci_low", "ci_high"))
+    # A Student-t interval over two or three seeds can reach past the metric's range: drawn within [0, 1].
+    low, high = (frame[key].fillna(frame["f1_macro"]).clip(0.0, 1.0).to_numpy() for key in ("ci_low", "ci_high"))
     fig, ax = _figure(title, dataset, budget, figsize=(max(6.0, 1.9 * len(rows) + 2), 5))
     x = np.arange(len(rows))
     ax.bar(x, f1, 0.6, color=plt.get_cmap("tab10")(x % 10), alpha=0.8, yerr=[f1 - low, high - f1], capsize=6,
