@@ -200,7 +200,7 @@ def _cell_row(cell: pd.DataFrame, verdict: dict | None, y_true: list[int], famil
         "family": family, "dataset": first["dataset"], "model": first["model"], "preset": first["preset"],
         "train_images": report["sizes"]["train"], "epochs": first["epochs"], "lr": report["config"]["lr"],
         "teacher": first["teacher"], "stage": first["stage"], "p_aug": first["p_aug"], "n_seeds": len(cell),
-        "run_ids": " ".join(cell["run_id"]),
+        "run_ids": list(cell["run_id"]),
         "f1_mean": seeds["mean"], "f1_std": seeds["std"], "ci_low": seeds["ci_low"], "ci_high": seeds["ci_high"],
         "val_f1_mean": float(np.mean([best_val_f1(r) for r in cell["report"]])),
         "corruption_f1": float(cell["corruption_f1"].mean()),
@@ -373,7 +373,7 @@ def verdict_kind(row) -> str:
 
 def cell_runs(frame: pd.DataFrame, cell) -> pd.DataFrame:
     """The runs (rows of ``frame``) of one summarize() cell, one per seed."""
-    return frame[frame["run_id"].isin(cell["run_ids"].split())]
+    return frame[frame["run_id"].isin(cell["run_ids"])]
 
 
 def cells_budget(cells: pd.DataFrame) -> str:

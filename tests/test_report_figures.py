@@ -50,9 +50,9 @@ def test_forest_rows_put_seeds_around_the_baseline_mean():
     frame = pd.DataFrame({"run_id": ["b0", "b1", "c0", "c1"], "f1_macro": [0.90, 0.92, 0.95, 0.97]})
     cells = pd.DataFrame([
         dict(stage="stage1_basic", p_aug=0.5, f1_mean=0.96, diff=0.05, diff_low=0.01, diff_high=0.09,
-             at_chance=False, note="", significant=True, run_ids="c0 c1"),
+             at_chance=False, note="", significant=True, run_ids=["c0", "c1"]),
         dict(stage="none", p_aug=0.0, f1_mean=0.91, diff=np.nan, diff_low=np.nan, diff_high=np.nan,
-             at_chance=False, note="", significant=False, run_ids="b0 b1"),
+             at_chance=False, note="", significant=False, run_ids=["b0", "b1"]),
     ])
     base, cell = reports.forest_rows(frame, cells)  # the baseline first, whatever the table's order
     assert base["label"] == "no augmentation (macro-F1 0.910)" and base["verdict"] == "baseline"
