@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench gpu-wheels clean
+.PHONY: venv demo test lint bench gallery gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m pytest -q --durations=15
+
+# The README's figure gallery: thumbnails of the main figures from reports/runs (run `make demo` first).
+gallery: $(STAMP)
+	MPLBACKEND=Agg $(PY) experiments.py figures --gallery docs/gallery
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

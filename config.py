@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 PATH_VARIABLES = {"DATA_DIR": "SVHN_AUG_DATA_DIR", "MODELS_DIR": "SVHN_AUG_MODELS_DIR",
                   "REPORTS_DIR": "SVHN_AUG_REPORTS_DIR"}
 _DERIVED_PATHS = {"FIGURES_DIR": ("REPORTS_DIR", "figures"), "RUNS_DIR": ("REPORTS_DIR", "runs")}
+# Figure files: PNG always; PDF and SVG are the vector copies a paper prints (`figures --format`).
+FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
 def empty_path_variables(environ: typing.Mapping[str, str] = os.environ) -> dict[str, str]:

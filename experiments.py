@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 
 # Only light modules at the top: --help and usage errors answer before torch, pandas or Optuna load.
 # Each handler imports the library modules it needs.
@@ -139,7 +140,12 @@ def cmd_summary(args) -> None:
 def cmd_figures(args) -> None:
     import reports
 
-    for path in reports.figures(reports.load_reports(args.source, args.study)):
+    frame = reports.load_reports(args.source, args.study)
+    if args.gallery is not None:
+        paths = reports.gallery(frame, args.gallery)
+    else:
+        paths = reports.figures(frame, formats=args.format)
+    for path in paths:
         print(path)
 
 
@@ -155,7 +161,7 @@ def cmd_presets(args) -> None:
 def cmd_eda(args) -> None:
     import reports
 
-    for path in reports.eda_figures(args.dataset):
+    for path in reports.eda_figures(args.dataset, formats=args.format):
         print(path)
 
 
@@ -311,11 +317,21 @@ def _add_queue_and_report_commands(sub) -> None:
         p = _subcommand(sub, name, handler, help_text)
         p.add_argument("--source", help="reports folder or queue storage (default: reports/runs)")
         p.add_argument("--study", help=f"queue name when --source is a storage (default: {config.DEFAULT_QUEUE_NAME})")
-
-    _add_runs_command(sub)
+        if name == "figures":
+            _format_flag(p)
+            p.add_argument("--gallery", type=Path, metavar="DIR",
+                           help="instead, small PNGs of the main figures (one family) into DIR, e.g. docs/gallery")
 
     p = _subcommand(sub, "eda", cmd_eda, "the EDA figures of a dataset's train split, into reports/figures/")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
+    _format_flag(p)
+
+    _add_runs_command(sub)
+
+
+def _format_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", nargs="+", choices=config.FIGURE_FORMATS[1:], default=[],
+                        help="file formats besides PNG: pdf and/or svg (vector copies for a paper)")
 
 
 def _add_runs_command(sub) -> None:

@@ -3,9 +3,11 @@ summaries, and every study figure rebuilt from the JSON reports without retraini
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -218,14 +220,15 @@ def plan_cells(table: pd.DataFrame, family: list[dict]) -> pd.DataFrame:
 
 def budget_text(train_images: int, epochs: int, seeds: int) -> str:
     """The training budget as figures and tables show it."""
-    return f"{train_images:,} train images, {epochs} epoch(s), {seeds} seed(s)"
+    return (f"{viz.count_text(train_images, 'train image')}, {viz.count_text(epochs, 'epoch')}, "
+            f"{viz.count_text(seeds, 'seed')}")
 
 
 def family_label(report: dict) -> str:
     """A family's short name: model, preset and budget."""
     cfg = report["config"]
     return (f"{viz.model_label(cfg['model'])}, {cfg['preset']} preset, lr {cfg['lr']:.3g}, "
-            f"{report['sizes']['train']:,} train images, {cfg['epochs']} epoch(s)")
+            f"{viz.count_text(report['sizes']['train'], 'train image')}, {viz.count_text(cfg['epochs'], 'epoch')}")
 
 
 def plan_label(plan: dict) -> str:
@@ -530,10 +533,10 @@ def run_budget(report: dict, seeds: int = 1) -> str:
 
 # ---------------------------------------------------------------- figures
 
-
-def save_and_close(fig, path: Path) -> Path:
-    """Write a figure as PNG (atomically) and free it: a study draws many figures."""
-    written = viz.save_figure(fig, path)
+def save_and_close(fig, path: Path, formats=("png",)) -> list[Path]:
+    """Write a figure as PNG (and the vector ``formats`` asked for), atomically, and free it: a study draws
+    many figures."""
+    written = viz.save_figure(fig, path, formats=formats)
     plt.close(fig)
     return written
 
@@ -544,20 +547,249 @@ def figure_path(out_dir: Path, name: str) -> Path:
     return config.inside(out_dir, out_dir / config.check_name("figure file name", name))
 
 
-def figures(frame: pd.DataFrame | None = None, out_dir: Path | None = None) -> list[Path]:
-    """Every study figure, rebuilt from the reports (no training), as PNGs under reports/figures/."""
+def verdict_kind(row) -> str:
+    """A cell's verdict against no augmentation as a key of visualization.VERDICT_STYLES (flags first)."""
+    if row["stage"] == "none":
+        return "baseline"
+    if row["at_chance"]:
+        return "at chance"
+    if np.isnan(row["diff"]) or row["note"]:
+        return "not tested"
+    if not row["significant"]:
+        return "no difference"
+    return "better" if row["diff"] > 0 else "worse"
+
+
+def cell_runs(frame: pd.DataFrame, cell) -> pd.DataFrame:
+    """The runs (rows of ``frame``) of one summarize() cell, one per seed."""
+    return frame[frame["run_id"].isin(cell["run_ids"])]
+
+
+def cells_budget(cells: pd.DataFrame) -> str:
+    """The budget of a family's cells; the seeds as a range when the cells have different numbers."""
+    first, seeds = cells.iloc[0], cells["n_seeds"].astype(int)
+    text = budget_text(int(first["train_images"]), int(first["epochs"]), int(seeds.max()))
+    if seeds.min() != seeds.max():
+        text = text.replace(viz.count_text(int(seeds.max()), "seed"),
+                            f"{seeds.min()}-{seeds.max()} seeds per cell")
+    return text
+
+
+def family_slug(frame: pd.DataFrame, cells: pd.DataFrame) -> str:
+    """A file-name part naming a family: model, preset, train size, epochs and a short hash of its settings
+    (two families never share it, so their figures never overwrite each other)."""
+    first = cells.iloc[0]
+    report = cell_runs(frame, first)["report"].iloc[0]
+    digest = hashlib.sha1(family_key(report).encode()).hexdigest()[:6]
+    return (f"{first['model']}-{first['preset']}-{int(first['train_images'])}img-{int(first['epochs'])}ep-"
+            f"{digest}")
+
+
+def ordered_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """The baseline first, then the stages in the study's order, each by p_aug."""
+    order = {stage: i for i, stage in enumerate(("none", *config.ALL_STAGES))}
+    return cells.assign(_order=cells["stage"].map(order).fillna(len(order))).sort_values(
+        ["_order", "stage", "p_aug"]).drop(columns="_order")
+
+
+def forest_rows(frame: pd.DataFrame, cells: pd.DataFrame) -> list[dict]:
+    """visualization.plot_forest's rows for a family: the baseline's seeds around 0, then each cell's
+    difference, interval, verdict and seeds (each seed's score minus the baseline's mean)."""
+    base = cells[cells["stage"] == "none"]
+    base_mean = float(base["f1_mean"].iloc[0]) if not base.empty else np.nan
+    rows = []
+    for _, cell in ordered_cells(cells).iterrows():
+        seeds = cell_runs(frame, cell)["f1_macro"].to_numpy(dtype=float) - base_mean
+        label = f"no augmentation (macro-F1 {base_mean:.3f})" if cell["stage"] == "none" else cell_label(cell)
+        rows.append({"label": label, "diff": 0.0 if cell["stage"] == "none" else cell["diff"],
+                     "low": cell["diff_low"], "high": cell["diff_high"], "verdict": verdict_kind(cell),
+                     "seed_diffs": seeds})
+    return rows
+
+
+def difference_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """stage x p_aug tables of the augmented cells (p_aug > 0): diff, low, high, verdict, n_seeds."""
+    augmented = cells[(cells["stage"] != "none") & (cells["p_aug"] > 0)]
+    augmented = augmented.assign(verdict=[verdict_kind(r) for _, r in augmented.iterrows()])
+    stages = [s for s in ordered_cells(augmented)["stage"].unique()]
+    return {name: augmented.pivot_table(index="stage", columns="p_aug", values=column, aggfunc="first",
+                                        dropna=False).reindex(stages).sort_index(axis=1)
+            for name, column in (("diff", "diff"), ("low", "diff_low"), ("high", "diff_high"),
+                                 ("verdict", "verdict"), ("n_seeds", "n_seeds"))}
+
+
+def val_f1_curves(frame: pd.DataFrame, cell) -> np.ndarray:
+    """(seeds, epochs) validation macro-F1 of a cell's runs per epoch (NaN after a run that stopped early)."""
+    histories = [[h["val_f1_macro"] for h in r["history"]] for r in cell_runs(frame, cell)["report"]]
+    curves = np.full((len(histories), max(map(len, histories))), np.nan)
+    for i, values in enumerate(histories):
+        curves[i, : len(values)] = values
+    return curves
+
+
+def robustness_drops(groups: Mapping[str, Sequence[dict]]) -> pd.DataFrame:
+    """Per group of runs (e.g. a cell's seeds) and corruption kind (and their mean), the drop from clean to
+    corrupted test macro-F1: mean over the runs with a Student-t interval over them (NaN bounds for one run).
+    Groups evaluated without corruptions are left out."""
+    rows = []
+    for label, reports_ in groups.items():
+        if not reports_[0]["robustness"]["severities"]:
+            continue
+        per_kind = {kind: [r["test"]["f1_macro"] - r["robustness"]["f1_macro"][kind] for r in reports_]
+                    for kind in reports_[0]["robustness"]["f1_macro"]}
+        per_kind["mean over kinds"] = [r["test"]["f1_macro"] - r["robustness"]["mean_f1_macro"] for r in reports_]
+        for kind, drops in per_kind.items():
+            summary = seed_summary(drops)
+            single = summary["single_run"]
+            rows.append({"run": label, "kind": kind, "drop": summary["mean"], "n_seeds": summary["n"],
+                         "low": np.nan if single else summary["ci_low"],
+                         "high": np.nan if single else summary["ci_high"]})
+    return pd.DataFrame(rows)
+
+
+def cell_groups(frame: pd.DataFrame, cells: pd.DataFrame) -> dict[str, list[dict]]:
+    """{cell label: the reports of its seeds}, the baseline first, then the stages in the study's order."""
+    return {cell_label(cell): list(cell_runs(frame, cell)["report"]) for _, cell in ordered_cells(cells).iterrows()}
+
+
+def best_and_baseline(frame: pd.DataFrame, cells: pd.DataFrame):
+    """The augmented cell with the best mean VALIDATION macro-F1 (the test set never chooses; a cell not
+    distinguishable from chance only when every cell is) and the baseline cell (None without one)."""
+    augmented = cells[cells["stage"] != "none"]
+    readable = augmented[~augmented["at_chance"].astype(bool)]  # a cell at chance is never named best
+    pool = readable if not readable.empty else augmented
+    best = pool.loc[pool["val_f1_mean"].idxmax()] if not pool.empty else None
+    base = cells[cells["stage"] == "none"]
+    return best, (base.iloc[0] if not base.empty else None)
+
+
+def cell_label(cell) -> str:
+    return "no augmentation" if cell["stage"] == "none" else f"{cell['stage']}, p_aug {cell['p_aug']:g}"
+
+
+def _family_text(cells: pd.DataFrame) -> tuple[str, str, str]:
+    """(model's display name, budget line naming the family, note naming the family's test) of a figure."""
+    first = cells.iloc[0]
+    name = viz.model_label(first["model"])
+    budget = f"{name}, {first['preset']} preset, lr {first['lr']:.3g}; {cells_budget(cells)}"
+    tested = int(cells["family_size"].max())
+    note = (f"seed-aware test, Holm over {viz.count_text(tested, 'tested cell')}" if tested
+            else "no cell is tested (one seed, or no baseline)")
+    return name, budget, note
+
+
+def forest_figure(frame: pd.DataFrame, cells: pd.DataFrame, title: str | None = None):
+    """The forest plot of these cells of one family (the baseline among them)."""
+    name, budget, note = _family_text(cells)
+    return viz.plot_forest(forest_rows(frame, cells), cells["dataset"].iloc[0], budget=budget,
+                           title=title or f"{name}: difference from no augmentation per cell ({note})")
+
+
+def f1_heatmap_figure(cells: pd.DataFrame, title: str | None = None):
+    """The study's stage x p_aug heatmap of test macro-F1 (mean over seeds), cells that differ from no
+    augmentation marked (None without augmented cells)."""
+    tables = grid_tables(cells)
+    if tables["f1"].empty:
+        return None
+    name, budget, note = _family_text(cells)
+    return viz.plot_heatmap(tables["f1"], dataset=cells["dataset"].iloc[0], significance=tables["significance"],
+                            title=title or f"{name}: test macro-F1, stage × p_aug (mean over seeds)",
+                            metric_label="macro-F1", note=f"* = differs from no augmentation ({note})", budget=budget)
+
+
+def difference_figure(cells: pd.DataFrame, title: str | None = None):
+    """The stage x p_aug heatmap of differences from no augmentation (None without augmented cells)."""
+    tables = difference_tables(cells)
+    if tables["diff"].empty:
+        return None
+    name, budget, note = _family_text(cells)
+    return viz.plot_difference_heatmap(tables["diff"], tables["verdict"], tables["n_seeds"], cells["dataset"].iloc[0],
+                                       budget=budget, low=tables["low"], high=tables["high"], note=note,
+                                       title=title or f"{name}: difference from no augmentation, stage × p_aug")
+
+
+def effect_figure(frame: pd.DataFrame, cells: pd.DataFrame, title: str | None = None):
+    """Each augmented cell's difference from the baseline in validation macro-F1 after every epoch."""
+    name, budget, _ = _family_text(cells)
+    _, base = best_and_baseline(frame, cells)
+    augmented = {(c["stage"], c["p_aug"]): c for _, c in ordered_cells(cells[cells["stage"] != "none"]).iterrows()}
+    return viz.plot_effect_vs_budget(
+        val_f1_curves(frame, base), {key: val_f1_curves(frame, c) for key, c in augmented.items()},
+        cells["dataset"].iloc[0], budget=budget, verdicts={key: verdict_kind(c) for key, c in augmented.items()},
+        title=title or f"{name}: difference from no augmentation in validation macro-F1 per epoch "
+                       "(band: range of seeds)")
+
+
+def drops_figure(frame: pd.DataFrame, cells: pd.DataFrame, title: str | None = None):
+    """Each cell's drop in macro-F1 under corruptions (None when the runs were not scored on corruptions)."""
+    drops = robustness_drops(cell_groups(frame, cells))
+    if drops.empty:
+        return None
+    name, budget, _ = _family_text(cells)
+    severities = cell_runs(frame, cells.iloc[0])["report"].iloc[0]["robustness"]["severities"]
+    return viz.plot_robustness_drops(drops, cells["dataset"].iloc[0], severities, budget=budget,
+                                     title=title or f"{name}: drop in macro-F1 under corruptions")
+
+
+def best_cell_figures(frame: pd.DataFrame, cells: pd.DataFrame) -> dict[str, object]:
+    """The best augmented cell (on validation) against the baseline: per-class F1 and learning curves of
+    every seed of both, and the confusion matrix of the cell's best seed (on validation)."""
+    name, budget, _ = _family_text(cells)
+    dataset = cells["dataset"].iloc[0]
+    best, base = best_and_baseline(frame, cells)
+    pair = {f"{cell_label(best)} (best on validation)": best, cell_label(base): base}
+    pair_runs = {label: list(cell_runs(frame, cell)["report"]) for label, cell in pair.items()}
+    chance = chance_band(parse_digits(pair_runs[cell_label(base)][0]["test_labels"]))
+    best_seed = max(pair_runs[next(iter(pair))], key=best_val_f1)
+    return {
+        "per_class_f1": viz.plot_per_class_f1(
+            {label: [r["test"]["f1_per_class"] for r in runs_] for label, runs_ in pair_runs.items()}, dataset,
+            budget=budget, chance=chance, title=f"{name}: per-class F1, best cell and no augmentation"),
+        "learning_curves": viz.plot_learning_curves(
+            {label: [r["history"] for r in runs_] for label, runs_ in pair_runs.items()}, dataset, budget=budget,
+            chance=chance, title=f"{name}: learning curves, best cell and no augmentation (every seed)"),
+        "confusion_best": viz.plot_confusion_matrix(
+            best_seed["test"]["confusion_matrix"], dataset, budget=run_budget(best_seed),
+            title=f"{name}, {cell_label(best)}, seed {best_seed['config']['seed']} (best on validation): "
+                  "confusion matrix (test)"),
+    }
+
+
+def family_figures(frame: pd.DataFrame, cells: pd.DataFrame) -> dict[str, object]:
+    """The main figures of one family (cells sharing a baseline): {name: Figure}. The forest plot, the
+    difference heatmap, the effect per epoch, the robustness drops, and the best cell (on validation)
+    against the baseline: per-class F1, learning curves and the confusion matrix of its best seed."""
+    figures_ = {"heatmap_f1": f1_heatmap_figure(cells), "forest": forest_figure(frame, cells),
+                "difference_heatmap": difference_figure(cells),
+                "effect_vs_budget": effect_figure(frame, cells), "robustness_drops": drops_figure(frame, cells),
+                **best_cell_figures(frame, cells)}
+    return {name: fig for name, fig in figures_.items() if fig is not None}
+
+
+def families(cells: pd.DataFrame) -> list[pd.DataFrame]:
+    """The families that have figures: no distilled students, a baseline and at least one augmented cell."""
+    trained = cells[cells["teacher"].isna()]
+    return [part for _, part in trained.groupby("family", sort=False)
+            if (part["stage"] == "none").any() and (part["stage"] != "none").any()]
+
+
+def figures(frame: pd.DataFrame | None = None, out_dir: Path | None = None, formats=("png",)) -> list[Path]:
+    """Every study figure, rebuilt from the reports (no training), under reports/figures/ as
+    <dataset>_<family>_<figure>.png (and the vector ``formats`` asked for, "pdf" and/or "svg")."""
     frame = load_reports() if frame is None else frame
     out_dir = out_dir or config.FIGURES_DIR
+    formats = viz.check_formats(formats)
     if frame.empty:
         return []
-    table = summarize(frame)
     written = []
-    for (dataset, model), cells in table[table["teacher"].isna()].groupby(["dataset", "model"]):
-        written += _grid_figures(frame, grid_family(cells), dataset, model, out_dir)
+    for cells in families(summarize(frame)):
+        prefix = f"{cells['dataset'].iloc[0]}_{family_slug(frame, cells)}"
+        for name, fig in family_figures(frame, cells).items():
+            written += save_and_close(fig, figure_path(out_dir, f"{prefix}_{name}.png"), formats)
     distillation = config.REPORTS_DIR / "distillation.json"
     if distillation.exists():
         try:
-            written.append(_distillation_figure(_read_distillation(distillation), out_dir))
+            written += _distillation_figure(_read_distillation(distillation), out_dir, formats)
         except (ReportError, config.ConfigError) as err:
             print(f"warning: left out the distillation figure: {err}", file=sys.stderr)
     return written
@@ -578,55 +810,44 @@ def _read_distillation(path: Path) -> dict:
     return table
 
 
-def _grid_figures(frame, cells, dataset: str, model: str, out_dir: Path) -> list[Path]:
+# The gallery's figure per family (the README shows one thumbnail of each main figure).
+GALLERY_FIGURES = ("forest", "difference_heatmap", "effect_vs_budget", "robustness_drops", "per_class_f1",
+                   "learning_curves")
+
+
+def gallery(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Small PNGs of the main figures of the family with the most cells, for the README, each stamped with
+    what data it shows (synthetic data is never mistaken for SVHN)."""
+    out_dir = _in_project(out_dir)
+    config.require(not frame.empty, "no finished runs to draw; run `make demo` first")
+    candidates = families(summarize(frame))
+    config.require(bool(candidates), "no family with a baseline and an augmented cell; run `make demo` first")
+    cells = max(candidates, key=len)
+    dataset = cells["dataset"].iloc[0]
+    stamp = "SYNTHETIC DATA" if dataset == "synthetic" else "SVHN"
     written = []
-    tables = grid_tables(cells)
-    name = viz.model_label(model)
-    first = cells.iloc[0]
-    budget = budget_text(int(first["train_images"]), int(first["epochs"]), tables["n_seeds"])
-    tested = int(cells["p_value"].notna().sum())
-    family = f"* = differs from no augmentation (Holm over {tested} tested cell(s))"
-    if tested == 0:
-        family = "no cell has 2+ seeds beside a 2+ seed baseline: no cell is tested"
-    if not tables["f1"].empty:
-        fig = viz.plot_heatmap(tables["f1"], dataset=dataset, significance=tables["significance"],
-                               title=f"{name}: test macro-F1, stage x p_aug (mean over seeds)",
-                               metric_label="macro-F1", note=family, budget=budget)
-        written.append(save_and_close(fig, figure_path(out_dir, f"{dataset}_{model}_heatmap_f1.png")))
-        fig = viz.plot_heatmap(tables["corruption"], dataset=dataset, budget=budget,
-                               title=f"{name}: macro-F1 under corruptions (mean over kinds)",
-                               metric_label="corruption macro-F1")
-        written.append(save_and_close(fig, figure_path(out_dir, f"{dataset}_{model}_heatmap_corruption.png")))
-    written += _best_cell_figures(frame, cells, dataset, model, out_dir)
+    for name, fig in family_figures(frame, cells).items():
+        if name in GALLERY_FIGURES:
+            written.append(viz.save_thumbnail(fig, figure_path(out_dir, f"{name}.png"), stamp=stamp))
+        plt.close(fig)
     return written
 
 
-def _best_cell_figures(frame, cells, dataset, model, out_dir) -> list[Path]:
-    best, base = best_runs(frame, cells)
-    label = f"{viz.model_label(model)}, {run_label(best)} (best on validation)"
-    chance = chance_band(parse_digits(best["test_labels"]))
-    budget = run_budget(best)
-    prefix = f"{dataset}_{model}_best"
-    written = [
-        save_and_close(viz.plot_learning_curves(best["history"], title=label, dataset=dataset, budget=budget,
-                                                chance=chance), figure_path(out_dir, f"{prefix}_learning_curves.png")),
-        save_and_close(viz.plot_confusion_matrix(best["test"]["confusion_matrix"], dataset=dataset, budget=budget,
-                                                 title=f"{label}: confusion matrix (test)"),
-                       figure_path(out_dir, f"{prefix}_confusion.png")),
-    ]
-    f1_by_run = {run_label(best): best["test"]["f1_per_class"]}
-    if base is not None and base["run_id"] != best["run_id"]:
-        f1_by_run[run_label(base)] = base["test"]["f1_per_class"]
-    written.append(save_and_close(viz.plot_per_class_f1(f1_by_run, dataset=dataset, budget=budget, chance=chance),
-                                  figure_path(out_dir, f"{prefix}_per_class_f1.png")))
-    return written
+def _in_project(folder: Path) -> Path:
+    """``folder`` when it lies in the project (its checkout or its reports folder), else ConfigError: a
+    folder named on the command line is never written elsewhere."""
+    for project in (config.ROOT, config.REPORTS_DIR):
+        if Path(folder).resolve().is_relative_to(Path(project).resolve()):
+            return Path(folder)
+    raise config.ConfigError(f"refusing {folder}: a gallery is written inside the project ({config.ROOT}) or its "
+                             f"reports folder ({config.REPORTS_DIR}), e.g. docs/gallery")
 
 
-def _distillation_figure(table: dict, out_dir: Path) -> Path:
+def _distillation_figure(table: dict, out_dir: Path, formats) -> list[Path]:
     teacher = read_report(report_path(table["rows"][0]["run_id"]))
     fig = viz.plot_distillation_comparison(table["rows"], dataset=table["dataset"], budget=run_budget(teacher),
                                            chance=chance_band(parse_digits(teacher["test_labels"])))
-    return save_and_close(fig, figure_path(out_dir, f"{table['dataset']}_distillation.png"))
+    return save_and_close(fig, figure_path(out_dir, f"{table['dataset']}_distillation.png"), formats)
 
 
 def _distillation_row_sound(row) -> bool:
@@ -636,25 +857,25 @@ def _distillation_row_sound(row) -> bool:
     return unit and all(POSITIVE(row.get(name), row) is None for name in ("params", "images_per_s", "checkpoint_mb"))
 
 
-def eda_figures(dataset: str = "synthetic", out_dir: Path | None = None) -> list[Path]:
-    """The EDA notebook's figures: class balance, samples per class, channel histograms, image
-    statistics, mean images, channel correlation and normalization statistics of the train split,
-    and the stage gallery on 8 train images."""
+def eda_figures(dataset: str = "synthetic", out_dir: Path | None = None, formats=("png",)) -> list[Path]:
+    """The EDA figures of the train split: class balance, samples per class, channel histograms, image
+    statistics, mean images, and the stage gallery on 8 train images (the channel correlation and
+    normalization statistics are tables: the EDA notebook prints them)."""
     out_dir = out_dir or config.FIGURES_DIR
+    formats = viz.check_formats(formats)
     train_x, train_y = load_split(dataset, "train")
     _, test_y = load_split(dataset, "test")
     mean, std = compute_channel_stats(train_x)
     figures_ = {
-        "class_balance": viz.plot_class_balance(train_y, test_y, dataset),
-        "samples_per_class": viz.plot_samples_per_class(train_x, train_y, dataset),
-        "channel_histograms": viz.plot_channel_histograms(train_x, dataset),
-        "image_statistics": viz.plot_image_statistics(train_x, dataset),
-        "mean_images": viz.plot_mean_images(train_x, train_y, dataset),
-        "channel_correlation": viz.plot_channel_correlation(train_x, dataset),
-        "channel_stats": viz.plot_channel_stats(mean, std, dataset),
-        "stage_gallery": viz.plot_stage_gallery(train_x[:8], list(config.STAGES[1:]), mean, std, dataset),
+        "class_balance": lambda: viz.plot_class_balance(train_y, test_y, dataset),
+        "samples_per_class": lambda: viz.plot_samples_per_class(train_x, train_y, dataset),
+        "channel_histograms": lambda: viz.plot_channel_histograms(train_x, dataset),
+        "image_statistics": lambda: viz.plot_image_statistics(train_x, dataset),
+        "mean_images": lambda: viz.plot_mean_images(train_x, train_y, dataset),
+        "stage_gallery": lambda: viz.plot_stage_gallery(train_x[:8], list(config.STAGES[1:]), mean, std, dataset),
     }
-    return [save_and_close(fig, out_dir / f"{dataset}_eda_{name}.png") for name, fig in figures_.items()]
+    return [path for name, draw in figures_.items()
+            for path in save_and_close(draw(), out_dir / f"{dataset}_eda_{name}.png", formats)]
 
 
 def save_tuning_figures(study: optuna.Study, dataset: str, out_dir: Path | None = None) -> list[Path]:
@@ -664,12 +885,12 @@ def save_tuning_figures(study: optuna.Study, dataset: str, out_dir: Path | None 
     if not complete:
         return []
     values = [t.value for t in complete]
-    written = [save_and_close(viz.plot_tuning_history(values, dataset),
-                              out_dir / f"{dataset}_tuning_optimization_history.png")]
+    written = save_and_close(viz.plot_tuning_history(values, dataset),
+                             out_dir / f"{dataset}_tuning_optimization_history.png")
     if len(complete) >= 2:  # Optuna's importance estimate needs two finished trials
         with warnings.catch_warnings():  # with few trials it warns that all importances are equal; the
             warnings.simplefilter("ignore", UserWarning)  # figure itself says when trials are too few
             importances = optuna.importance.get_param_importances(study)
-        written.append(save_and_close(viz.plot_param_importances(importances, len(complete), dataset),
-                                      out_dir / f"{dataset}_tuning_param_importances.png"))
+        written += save_and_close(viz.plot_param_importances(importances, len(complete), dataset),
+                                  out_dir / f"{dataset}_tuning_param_importances.png")
     return written

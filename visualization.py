@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 from torchvision.utils import make_grid
@@ -46,8 +48,7 @@ POLICY_KINDS = {"randaugment": "automated policy", "trivialaugment": "automated 
                 "autoaugment_svhn": "learned policy"}
 # Fewer completed trials than this give importances that are noise.
 MIN_TRIALS_FOR_IMPORTANCES = 10
-METRIC_LABELS = {"f1_macro": "macro-F1 (test)", "accuracy": "accuracy (test)",
-                 "corruption_f1": "macro-F1 under corruptions"}
+THUMBNAIL_WIDTH_PX = 480  # README gallery
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -66,18 +67,58 @@ def model_label(name: str) -> str:
     return config.MODEL_DISPLAY_NAMES.get(name, name)
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG atomically (rendered in memory, then one atomic write)."""
+def count_text(count: int, noun: str) -> str:
+    """A count with its noun in the right number: "1 epoch", "3 seeds", "2,700 train images"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """The figure file formats asked for, checked: PNG always, plus PDF and/or SVG."""
+    unknown = sorted(set(formats) - set(config.FIGURE_FORMATS))
+    config.require(not unknown, f"unknown figure format(s) {unknown}; choose from {', '.join(config.FIGURE_FORMATS)}")
+    return tuple(dict.fromkeys(("png", *formats)))
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Write ``fig`` once per format (PNG always; "pdf" and "svg" add vector copies) beside ``path``, cropped
+    to what it draws (tight bounding box), each rendered in memory and written atomically. Returns the paths."""
+    written = []
+    for fmt in check_formats(formats):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
+        written.append(atomic_write_bytes(Path(path).with_suffix(f".{fmt}"), buffer.getvalue()))
+    return written
+
+
+def save_thumbnail(fig: Figure, path: str | Path, stamp: str, width_px: int = THUMBNAIL_WIDTH_PX) -> Path:
+    """A small PNG of ``fig`` about ``width_px`` wide, with ``stamp`` (e.g. "SYNTHETIC DATA") written across its
+    top-left corner, so a thumbnail too small to read its title still says what data it shows."""
+    fig.text(0.01, 0.995, stamp, ha="left", va="top", fontsize=14, fontweight="bold", color="tab:red",
+             bbox={"fc": "white", "ec": "tab:red", "alpha": 0.9, "pad": 2})
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format="png", dpi=width_px / fig.get_figwidth(), bbox_inches="tight", pad_inches=0.05)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def _wrap_phrases(text: str, width: int) -> list[str]:
+    """Lines of at most ``width`` characters, broken between phrases (after "; " or ", ") rather than inside
+    one; a single phrase longer than a line is broken between words."""
+    lines: list[str] = []
+    for phrase in re.split(r"(?<=[;,])\s+", text):
+        if lines and len(lines[-1]) + 1 + len(phrase) <= width:
+            lines[-1] += " " + phrase
+        else:
+            lines += textwrap.wrap(phrase, width, break_on_hyphens=False) or [""]
+    return lines
+
+
 def _suptitle(fig: Figure, title: str, dataset: str, budget: str | None = None) -> None:
-    """Title naming the dataset, wrapped to the figure's width, with the budget on a second line."""
-    chars_per_line = max(30, int(fig.get_figwidth() * 10))  # ~0.1 inch per character at 12 pt
-    text = textwrap.fill(f"{title} — {dataset_label(dataset)}", chars_per_line)
-    fig.suptitle(text if budget is None else f"{text}\n{textwrap.fill(budget, chars_per_line)}")
+    """The title, then the dataset and the budget on their own lines, each wrapped between phrases to the
+    figure's width (about 0.09 inch per character at 11 pt)."""
+    width = max(30, int(fig.get_figwidth() / 0.09))
+    subtitle = dataset_label(dataset) + ("" if budget is None else f"; {budget}")
+    lines = _wrap_phrases(title, width) + _wrap_phrases(subtitle, width)
+    fig.suptitle("\n".join(lines), fontsize=11)
 
 
 def _figure(title: str, dataset: str, budget: str | None = None, **subplots_kwargs):
@@ -88,8 +129,14 @@ def _figure(title: str, dataset: str, budget: str | None = None, **subplots_kwar
 
 
 def _chance_line(ax, chance: float | None) -> None:
-    """A dashed horizontal line at the chance level, labelled at its right end."""
+    """A dashed horizontal line at the chance level, labelled at its right end; a chance level below the
+    axis is said in words at the axis' bottom instead."""
     if chance is None:
+        return
+    low, high = ax.get_ylim()
+    if not low <= chance <= high:
+        ax.annotate(f"chance {chance:.2f} (below the axis)", (0.99, 0.01), xycoords="axes fraction", ha="right",
+                    va="bottom", color="tab:red", fontsize=8)
         return
     ax.axhline(chance, color="tab:red", ls="--", lw=1)
     ax.annotate(f"chance {chance:.2f}", (0.99, chance), xycoords=("axes fraction", "data"), ha="right",
@@ -140,18 +187,6 @@ def _heatmap(ax, values: np.ndarray, texts: np.ndarray, row_labels, col_labels, 
                 annot_kws={"fontsize": fontsize})
     ax.set_facecolor("0.85")  # seaborn masks NaN cells: the background shows through
     ax.tick_params(axis="y", rotation=0)
-
-
-def _color_limits(values: np.ndarray, margin: float = 0.1) -> tuple[float, float]:
-    """Colour limits around the finite values, kept within [0, 1] when the values lie there."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    low, high = float(finite.min()), float(finite.max())
-    spread = max(high - low, 0.01)  # a flat table still gets a visible range
-    low, high = low - margin * spread, high + margin * spread
-    # A metric in [0, 1] keeps its colour bar there: values below 0 or above 1 cannot occur.
-    return (max(low, 0.0) if finite.min() >= 0 else low), (min(high, 1.0) if finite.max() <= 1 else high)
 
 
 def _fmt_axis_value(value) -> str:
@@ -209,18 +244,25 @@ def channel_histograms(images) -> np.ndarray:
 
 
 def plot_channel_histograms(images, dataset: str) -> Figure:
-    """Per-channel intensity histograms (share of pixels at each value 0..255)."""
+    """Per-channel intensity histograms (share of pixels at each value 1..254).
+
+    Clipped pixels pile up at 0 and 255; drawn, those two spikes would flatten the rest of the curve,
+    so each panel leaves them out and gives their shares in words.
+    """
     counts = channel_histograms(images)
-    shares = counts / counts.sum(axis=1, keepdims=True)
+    shares = counts / counts.sum(axis=1, keepdims=True)  # (3, 256)
     levels = np.arange(256)
-    fig, axes = _figure("Pixel intensity per channel", dataset, ncols=3, figsize=(12, 3.8), sharey=True)
+    inner = slice(1, 255)  # 1..254: the levels drawn
+    fig, axes = _figure("Pixel intensity per channel", dataset, ncols=3, figsize=(12, 4), sharey=True)
     for c, ax in enumerate(axes):
         mean = (shares[c] * levels).sum()
         std = math.sqrt((shares[c] * (levels - mean) ** 2).sum())
-        ax.fill_between(levels, shares[c], step="mid", color=CHANNEL_COLORS[c], alpha=0.6)
-        title = f"{CHANNEL_NAMES[c]}: mean {mean / 255:.3f}, std {std / 255:.3f} (0..1 units)"
-        ax.set_title(title, fontsize=10)
-        ax.set(xlabel="intensity (0-255)", ylabel="share of pixels", xlim=(0, 255))
+        ax.fill_between(levels[inner], 100 * shares[c, inner], step="mid", color=CHANNEL_COLORS[c], alpha=0.6)
+        ax.set_title(f"{CHANNEL_NAMES[c]}: mean {mean / 255:.3f}, std {std / 255:.3f} (0-1 units)\n"
+                     f"not drawn: {100 * shares[c, 0]:.1f} % of pixels at 0, {100 * shares[c, 255]:.1f} % at 255",
+                     fontsize=9)
+        ax.set(xlabel="intensity (0-255)", xlim=(0, 255))
+    axes[0].set_ylabel("share of pixels (%)")
     return fig
 
 
@@ -290,7 +332,7 @@ def plot_mean_images(images, labels, dataset: str) -> Figure:
     low = means.amin(dim=(1, 2, 3), keepdim=True)
     high = means.amax(dim=(1, 2, 3), keepdim=True)
     stretched = (means - low) / (high - low).clamp_min(1e-8)
-    fig, ax = _figure("Mean image per class", dataset, figsize=(11, 2.9))
+    fig, ax = _figure("Mean image per class", dataset, figsize=(11, 3.4))
     _show_montage(ax, torch.cat([means, stretched]), ["mean", "mean,\nstretched"], config.CLASS_NAMES)
     ax.set(xlabel="digit", ylabel="rendering")
     return fig
@@ -312,67 +354,78 @@ def channel_correlation(images) -> np.ndarray:
     return (cov / torch.outer(scale, scale)).numpy()
 
 
-def plot_channel_correlation(images, dataset: str) -> Figure:
-    """3x3 heatmap of the correlation between the R, G and B channels over all pixels."""
-    corr = channel_correlation(images)
-    fig, ax = _figure("RGB channel correlation", dataset, figsize=(5.2, 4.3))
-    _heatmap(ax, corr, np.vectorize(lambda v: f"{v:.3f}")(corr), CHANNEL_NAMES, CHANNEL_NAMES, cmap="viridis",
-             vmin=min(0.0, float(corr.min())), vmax=1.0, colorbar_label="Pearson r", fontsize=11)
-    ax.set(xlabel="channel", ylabel="channel")
-    return fig
-
-
-def plot_channel_stats(mean: Sequence[float], std: Sequence[float], dataset: str) -> Figure:
-    """Bars of the per-channel normalization mean and std (0..1 units), values written on the bars."""
-    fig, ax = _figure("Normalization statistics", dataset, figsize=(6, 4))
-    x = np.arange(3)
-    width = 0.38
-    for offset, values, name, hatch in ((-width / 2, mean, "mean", ""), (width / 2, std, "std", "//")):
-        bars = ax.bar(x + offset, values, width, color=CHANNEL_COLORS, alpha=0.75, hatch=hatch,
-                      edgecolor="black", label=name)
-        ax.bar_label(bars, fmt="%.3f", fontsize=ANNOT_FONTSIZE, padding=2)
-    ax.set_xticks(x, CHANNEL_NAMES)
-    ax.set(xlabel="channel", ylabel="value (0..1 intensity units)", ylim=(0, max(max(mean), max(std)) * 1.15))
-    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
-    return fig
-
-
 # ----------------------------------------------------------------------------- study figures
 
+# How each verdict of a cell against no augmentation is drawn: (legend text, colour, marker). Better is blue
+# and worse red, as on the diverging colour map of the difference heatmap.
+VERDICT_STYLES = {
+    "better": ("significantly better", "tab:blue", "^"),
+    "worse": ("significantly worse", "tab:red", "v"),
+    "no difference": ("no significant difference", "0.3", "o"),
+    "not tested": ("not tested (one seed or no baseline)", "0.55", "s"),
+    "at chance": ("at chance: no effect can be read", "tab:purple", "X"),
+    "baseline": ("no augmentation (the reference)", "black", "D"),
+}
+VERDICT_MARKS = {"better": " ▲", "worse": " ▼", "at chance": " ×"}  # the heatmap's text marks
+DIFF_LABEL = "difference in test macro-F1 from no augmentation"
 
-def plot_learning_curves(history: Sequence[Mapping], dataset: str, title: str = "Learning curves",
-                         budget: str | None = None, chance: float | None = None) -> Figure:
-    """Loss, accuracy and validation macro-F1 per epoch; the best-validation-F1 epoch is marked.
 
-    ``history``: one dict per epoch with epoch, train_loss, val_loss, train_accuracy,
-    val_accuracy, val_f1_macro; a key missing from the records is left out of its panel.
-    ``chance``: macro-F1 of guessing, drawn on the F1 panel. One epoch draws points and says so.
+def _seed_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval over seeds (stats.seed_summary); one seed: no interval (NaN bounds)."""
+    summary = stats.seed_summary(values)
+    if summary["single_run"]:
+        return summary["mean"], np.nan, np.nan
+    return summary["mean"], summary["ci_low"], summary["ci_high"]
+
+
+def _histories_by_group(runs) -> dict[str, list[Sequence[Mapping]]]:
+    """{label: [history per seed]} from either that mapping or a single run's history (a list of epochs)."""
+    if isinstance(runs, Mapping):
+        return {label: list(histories) for label, histories in runs.items()}
+    return {"run": [runs]}
+
+
+def plot_learning_curves(runs, dataset: str, title: str = "Learning curves", budget: str | None = None,
+                         chance: float | None = None) -> Figure:
+    """Loss, accuracy and validation macro-F1 per epoch for every seed of every group (e.g. a cell and the
+    baseline), overlaid: one colour per group, dashed = training, solid = validation; a dot marks each seed's
+    best-validation epoch, whose weights were tested.
+
+    ``runs``: {label: [history of each seed]} or one run's history; a history is one dict per epoch with
+    epoch, train_loss, val_loss, train_accuracy, val_accuracy, val_f1_macro (a key missing from the records
+    is left out of its panel). ``chance``: macro-F1 of guessing, drawn on the F1 panel.
     """
-    epochs = [record["epoch"] for record in history]
-    fig, axes = _figure(title, dataset, budget, ncols=3, figsize=(14, 4))
-    panels = (
-        ("loss", ("train_loss", "val_loss")),
-        ("accuracy", ("train_accuracy", "val_accuracy")),
-        ("validation macro-F1", ("val_f1_macro",)),
-    )
-    f1 = [record.get("val_f1_macro") for record in history]
-    best = epochs[int(np.nanargmax(np.array(f1, dtype=float)))] if any(v is not None for v in f1) else None
-    for ax, (ylabel, keys) in zip(axes, panels, strict=True):
-        for key in keys:
-            values = [record.get(key) for record in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, np.array(values, dtype=float), marker="o", ms=3 if len(epochs) > 1 else 7,
-                        label=key.split("_")[0])
-        if best is not None:
-            ax.axvline(best, color="0.5", ls=":", lw=1, label=f"best val F1 (epoch {best})")
-        # Metrics on their whole 0..1; one epoch still gets a unit-wide axis, with integer ticks.
-        ax.set(xlabel="epoch", ylabel=ylabel, title=ylabel, xlim=(min(epochs) - 0.5, max(epochs) + 0.5),
-               ylim=(0.0, 1.1 * ax.dataLim.y1 if ylabel == "loss" else 1.0))
+    groups = _histories_by_group(runs)
+    fig, axes = _figure(title, dataset, budget, ncols=3, figsize=(13, 4.6))
+    panels = (("loss (cross-entropy)", ("train_loss", "val_loss")),
+              ("accuracy", ("train_accuracy", "val_accuracy")), ("validation macro-F1", ("val_f1_macro",)))
+    epochs = sorted({record["epoch"] for histories in groups.values() for h in histories for record in h})
+    handles = []
+    for index, (label, histories) in enumerate(groups.items()):
+        color = plt.get_cmap("tab10")(index % 10)
+        handles.append(Line2D([], [], color=color, lw=2, label=f"{label} ({count_text(len(histories), 'seed')})"))
+        for history in histories:
+            x = [record["epoch"] for record in history]
+            for ax, (_, keys) in zip(axes, panels, strict=True):
+                for key in keys:
+                    values = np.array([record.get(key, np.nan) for record in history], dtype=float)
+                    if np.isfinite(values).any():
+                        ax.plot(x, values, color=color, lw=1.2, alpha=0.75, marker="o" if len(x) == 1 else None,
+                                ls="--" if key.startswith("train") else "-")
+            f1 = np.array([record.get("val_f1_macro", np.nan) for record in history], dtype=float)
+            if np.isfinite(f1).any():
+                axes[2].plot(x[int(np.nanargmax(f1))], np.nanmax(f1), "o", color=color, ms=6, mec="black", zorder=3)
+    for ax, (ylabel, _) in zip(axes, panels, strict=True):
+        top = 1.05 * ax.dataLim.y1 if ylabel.startswith("loss") else 1.0
+        ax.set(xlabel="epoch", ylabel=ylabel, xlim=(min(epochs) - 0.5, max(epochs) + 0.5), ylim=(0.0, top))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     _chance_line(axes[2], chance)
+    handles += [Line2D([], [], color="0.3", ls="--", label="training"), Line2D([], [], color="0.3", label="validation"),
+                Line2D([], [], ls="none", marker="o", color="0.6", mec="black", label="best epoch (tested)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
     if len(epochs) == 1:
-        fig.supxlabel("one epoch only: each value is a single point, there is no curve to draw", fontsize=9)
+        axes[1].set_title("1 epoch only: each value is a single point", fontsize=9)
     return fig
 
 
@@ -383,105 +436,244 @@ def plot_confusion_matrix(cm, dataset: str, class_names: Sequence[str] = config.
     if normalize:
         support = counts.sum(axis=1, keepdims=True)
         values = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
-        texts = np.where(values == 0, "0", np.vectorize(lambda v: f"{v:.3f}")(values))
-        vmax, bar_label = 1.0, "share of the true class"
+        texts = np.where(values == 0, "0", np.vectorize(lambda v: f"{v:.2f}")(values))
+        vmax, bar_label = 1.0, "share of the true class's test images"
     else:
         values = counts
         texts = np.vectorize(lambda v: f"{v:.0f}")(values)
-        vmax, bar_label = max(float(values.max()), 1.0), "images"
-    size = 1.6 + 0.62 * len(class_names)
+        vmax, bar_label = max(float(values.max()), 1.0), "test images"
+    size = 1.6 + 0.55 * len(class_names)
     fig, ax = _figure(title + (" (row-normalized)" if normalize else ""), dataset, budget,
-                      figsize=(size + 1.2, size + (0.3 if budget else 0.0)))
+                      figsize=(size + 1.8, size + 0.6))
     _heatmap(ax, values, texts, class_names, class_names, cmap="Blues", vmin=0.0, vmax=vmax,
              colorbar_label=bar_label, fontsize=8)
-    ax.set(xlabel="predicted label", ylabel="true label")
+    ax.set(xlabel="predicted digit", ylabel="true digit")
     return fig
 
 
-def plot_per_class_f1(f1_by_run: Mapping[str, Sequence[float]], dataset: str,
+def plot_per_class_f1(f1_by_run: Mapping[str, Sequence], dataset: str,
                       class_names: Sequence[str] = config.CLASS_NAMES, title: str = "Per-class F1",
                       budget: str | None = None, chance: float | None = None) -> Figure:
-    """Grouped bars of per-class F1 (seaborn), one colour per run; the legend gives each run's macro-F1."""
-    scores = pd.DataFrame({f"{model_label(run)} (macro {np.mean(f1):.3f})": np.asarray(f1, dtype=float)
-                           for run, f1 in f1_by_run.items()}, index=pd.Index(class_names, name="digit"))
-    long = scores.reset_index().melt(id_vars="digit", var_name="run", value_name="F1")
-    fig, ax = _figure(title, dataset, budget, figsize=(max(8.0, 0.9 * len(class_names) + 2), 4.5))
-    sns.barplot(long, x="digit", y="F1", hue="run", ax=ax, saturation=0.9)
-    _chance_line(ax, chance)
-    ax.set(xlabel="digit", ylabel="F1 (test)", ylim=(0.0, 1.0))  # the whole range: zoomed bars exaggerate gaps
-    ax.grid(axis="y", alpha=0.3)
-    # Below the axes: inside, it would hide bars.
-    sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.14), ncols=min(len(f1_by_run), 3), fontsize=8,
-                    title=None, frameon=False)
-    return fig
+    """Per-class test F1 of each run group: the mean over its seeds with a 95% Student-t interval over seeds
+    (a group with one seed: a hollow marker, no interval), groups side by side per digit.
 
-
-def _significance_mark(value) -> str:
-    """A cell's mark: strings as given, True -> "*", and nothing for False / None / NaN."""
-    if isinstance(value, str):
-        return value
-    return "*" if value is not None and not pd.isna(value) and bool(value) else ""
-
-
-def _heatmap_texts(values: np.ndarray, significance, ci_halfwidth) -> np.ndarray:
-    """Cell texts: value with 3 decimals, a significance mark, and "± half-width" on a second line."""
-    texts = np.full(values.shape, "", dtype=object)  # NaN cells stay blank (seaborn masks them)
-    for (r, c), value in np.ndenumerate(values):
-        if np.isnan(value):
-            continue
-        mark = "" if significance is None else _significance_mark(significance[r, c])
-        text = f"{value:.3f}{mark}"
-        if ci_halfwidth is not None and np.isfinite(ci_halfwidth[r, c]):
-            text += f"\n±{ci_halfwidth[r, c]:.3f}"
-        texts[r, c] = text
-    return texts
-
-
-def _table_heatmap(table, dataset: str, title: str, metric_label: str, xlabel: str, ylabel: str,
-                   significance=None, ci_halfwidth=None, note: str | None = None, budget: str | None = None):
-    """Annotated heatmap of a DataFrame; the best cell's text is bold, missing cells grey."""
-    values = table.to_numpy(dtype=float)
-    # Marks and intervals are aligned on the table's labels (a missing cell gets none).
-    if significance is not None:
-        significance = significance.reindex(index=table.index, columns=table.columns).to_numpy(dtype=object)
-    if ci_halfwidth is not None:
-        ci_halfwidth = ci_halfwidth.reindex(index=table.index, columns=table.columns).to_numpy(dtype=float)
-    rows, cols = values.shape
-    height = 1.6 + (0.75 if ci_halfwidth is None else 0.9) * rows + (0.3 if budget else 0.0)
-    fig, ax = _figure(title, dataset, budget, figsize=(3.5 + 1.1 * cols, height))
-    vmin, vmax = _color_limits(values)
-    _heatmap(ax, values, _heatmap_texts(values, significance, ci_halfwidth),
-             [_fmt_axis_value(v) for v in table.index], [_fmt_axis_value(v) for v in table.columns],
-             cmap="viridis", vmin=vmin, vmax=vmax, colorbar_label=metric_label)
-    if np.isfinite(values).any():
-        best_row, best_col = np.unravel_index(np.nanargmax(values), values.shape)
-        # seaborn writes cell (r, c)'s text at its centre (c + 0.5, r + 0.5).
-        for text in ax.texts:
-            if text.get_position() == (best_col + 0.5, best_row + 0.5):
-                text.set_fontweight("bold")
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    if note:
-        ax.set_title(note, fontsize=9)
-    return fig
-
-
-def plot_heatmap(table, dataset: str, title: str = "Stage × p_aug → macro-F1", metric_label: str = "macro-F1 (test)",
-                 significance=None, ci_halfwidth=None, note: str | None = None, budget: str | None = None) -> Figure:
-    """Annotated "stage × p_aug → metric" heatmap (DataFrame: index stage, columns p_aug).
-
-    ``significance``: same-shape DataFrame of marks ("*", "**", "") or booleans (True -> "*");
-    ``ci_halfwidth``: same-shape DataFrame, written as "±h" under each value; ``note`` explains
-    the marks under the title. Colour limits follow the values' range (within [0, 1] for a metric
-    there); the best cell is bold, a missing one grey.
+    ``f1_by_run``: {label: per-class F1 of each seed, (S, K), or of one run, (K,)}; the legend gives each
+    group's seeds and macro-F1 (the mean of its per-class F1).
     """
-    return _table_heatmap(table, dataset, title, metric_label, "p_aug (share of augmented samples)",
-                          "augmentation stage", significance, ci_halfwidth, note, budget)
+    fig, ax = _figure(title, dataset, budget, figsize=(max(8.0, 0.8 * len(class_names) + 2.5), 4.8))
+    x = np.arange(len(class_names))
+    width = 0.8 / len(f1_by_run)
+    lowest = 1.0
+    for index, (label, scores) in enumerate(f1_by_run.items()):
+        scores = np.atleast_2d(np.asarray(scores, dtype=float))  # (S, K)
+        summary = np.array([_seed_interval(scores[:, k]) for k in range(scores.shape[1])])  # (K, 3)
+        mean, low, high = summary.T
+        color = plt.get_cmap("tab10")(index % 10)
+        has_interval = len(scores) > 1
+        offsets = x + (index - (len(f1_by_run) - 1) / 2) * width
+        errors = np.vstack([mean - low, high - mean]) if has_interval else None
+        text = f"{label} ({count_text(len(scores), 'seed')}, macro-F1 {scores.mean():.3f})"
+        ax.errorbar(offsets, mean, yerr=errors, fmt="o", color=color, mfc=color if has_interval else "white",
+                    ms=6, capsize=3, lw=1.3, label=text if has_interval else f"{text}, no interval")
+        lowest = min(lowest, float(np.nanmin(low if has_interval else mean)))
+    # Points with intervals, not bars: the axis may start above 0 to show the intervals (never below 0).
+    ax.set(xlabel="digit", ylabel="F1 (test), mean and 95% interval over seeds", ylim=(max(0.0, lowest - 0.05), 1.0))
+    ax.set_xticks(x, class_names)
+    ax.grid(axis="y", alpha=0.3)
+    _chance_line(ax, chance)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(len(f1_by_run), 2), fontsize=8,
+               frameon=False)
+    return fig
 
 
-def plot_robustness(table, dataset: str, title: str = "Robustness to corruptions",
-                    metric_label: str = "macro-F1 (test)", budget: str | None = None) -> Figure:
-    """Heatmap of a metric per run (rows) and corruption kind (columns)."""
-    return _table_heatmap(table, dataset, title, metric_label, "corruption", "run", budget=budget)
+def plot_forest(rows: Sequence[Mapping], dataset: str, title: str = "Difference from no augmentation",
+                budget: str | None = None, interval_label: str = "95% interval of the difference") -> Figure:
+    """Forest plot: each cell's difference in test macro-F1 from no augmentation, with its interval, every seed
+    as a dot (drawn just under the row, above everything else, so no marker hides it) and the verdict as the
+    marker's shape and colour; the difference and interval are written at the right.
+
+    ``rows``: one dict per cell, top to bottom, with label, diff, low, high, verdict (a key of VERDICT_STYLES)
+    and seed_diffs (each seed's score minus the baseline's mean). A baseline row (verdict "baseline",
+    diff 0) shows the baseline's own seeds around 0: the seed noise every difference is read against.
+    """
+    n = len(rows)
+    config.require(n > 0, "no cells to plot: the forest plot needs at least one cell")
+    fig, ax = _figure(title, dataset, budget, figsize=(9.5, 2.4 + 0.45 * n))
+    y = np.arange(n)[::-1]  # the first row on top
+    ax.axvline(0.0, color="0.5", lw=1, ls="--", zorder=0)
+    right_texts = []
+    for yi, row in zip(y, rows, strict=True):
+        _, color, marker = VERDICT_STYLES[row["verdict"]]
+        low, high, diff = (float(row.get(key, np.nan)) for key in ("low", "high", "diff"))
+        if np.isfinite(low) and np.isfinite(high):
+            ax.hlines(yi, low, high, color=color, lw=2.2, zorder=2)
+        if np.isfinite(diff):
+            ax.plot(diff, yi, marker=marker, ms=9, color=color, mec="white", ls="none", zorder=3)
+        seeds = np.asarray(row.get("seed_diffs", ()), dtype=float)
+        ax.scatter(seeds, np.full(seeds.shape, yi - 0.28), s=16, facecolor="white", edgecolor=color, lw=1.2,
+                   zorder=4)
+        right_texts.append(_forest_text(row["verdict"], diff, low, high))
+    ax.set_yticks(y, [row["label"] for row in rows])
+    ax.set_ylim(-0.8, n - 0.4)
+    right = ax.secondary_yaxis("right")
+    right.set_yticks(y, right_texts)
+    right.tick_params(length=0, labelsize=8)
+    ax.set(xlabel=f"{DIFF_LABEL} (cell − baseline)", ylabel="cell (stage, p_aug)")
+    ax.grid(axis="x", alpha=0.3)
+    present = list(dict.fromkeys(row["verdict"] for row in rows))
+    handles = [Line2D([], [], ls="none", marker=VERDICT_STYLES[k][2], color=VERDICT_STYLES[k][1], ms=8,
+                      label=VERDICT_STYLES[k][0]) for k in present]
+    handles += [Line2D([], [], color="0.3", lw=2.2, label=interval_label),
+                Line2D([], [], ls="none", marker="o", mfc="white", mec="0.3", label="one seed")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    return fig
+
+
+def _forest_text(verdict: str, diff: float, low: float, high: float) -> str:
+    """The right-hand text of a forest row: the difference and its interval, or what the row is."""
+    if verdict == "baseline":
+        return "reference"
+    if not np.isfinite(diff):
+        return "no baseline"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"{diff:+.3f}"
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def plot_difference_heatmap(diff: pd.DataFrame, verdicts: pd.DataFrame, n_seeds: pd.DataFrame, dataset: str,
+                            title: str = "Difference from no augmentation, stage × p_aug", budget: str | None = None,
+                            low: pd.DataFrame | None = None, high: pd.DataFrame | None = None,
+                            note: str | None = None) -> Figure:
+    """Heatmap of each cell's difference in test macro-F1 from no augmentation (index: stage, columns: p_aug),
+    on a diverging colour map centred on 0 (blue better, red worse); ▲/▼ mark the cells the family's test
+    calls significantly better/worse, × the cells at chance, hatching the cells with one seed (never
+    tested); ``low``/``high`` add the interval under each value; ``note`` (e.g. the family's test) goes under
+    the title.
+
+    ``verdicts``: same-shape DataFrame of VERDICT_STYLES keys; ``n_seeds``: seeds per cell.
+    """
+    values = diff.to_numpy(dtype=float)
+    aligned = {name: frame.reindex(index=diff.index, columns=diff.columns).to_numpy(dtype=object if name == "v"
+                                                                                    else float)
+               for name, frame in (("v", verdicts), ("n", n_seeds), ("low", low), ("high", high)) if frame is not None}
+    texts = np.full(values.shape, "", dtype=object)
+    for (r, c), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            texts[r, c] = f"{value:+.3f}{VERDICT_MARKS.get(aligned['v'][r, c], '')}"
+            if "low" in aligned and np.isfinite(aligned["low"][r, c]):
+                texts[r, c] += f"\n[{aligned['low'][r, c]:+.3f}, {aligned['high'][r, c]:+.3f}]"
+    rows, cols = values.shape
+    fig, ax = _figure(title, dataset, budget, figsize=(3.8 + 1.45 * cols, 2.3 + 0.75 * rows))
+    finite = np.abs(values[np.isfinite(values)])
+    limit = max(float(finite.max()) * 1.1 if finite.size else 0.0, 0.01)  # symmetric: white is 0
+    _heatmap(ax, values, texts, diff.index, [_fmt_axis_value(float(p)) for p in diff.columns], cmap="RdBu",
+             vmin=-limit, vmax=limit, colorbar_label=f"{DIFF_LABEL}\n(blue: better, red: worse)", fontsize=8)
+    for (r, c), seeds in np.ndenumerate(aligned["n"]):
+        if seeds == 1 and np.isfinite(values[r, c]):
+            ax.add_patch(Rectangle((c, r), 1, 1, fill=False, hatch="///", edgecolor="0.45", lw=0))
+    ax.set(xlabel="p_aug (share of augmented training images)", ylabel="augmentation stage")
+    marks = "▲/▼: significantly better/worse; ×: at chance; hatched: 1 seed, not tested"
+    ax.set_title(marks if note is None else f"{note}\n{marks}", fontsize=8)
+    return fig
+
+
+def plot_effect_vs_budget(baseline: np.ndarray, cells: Mapping[tuple[str, float], np.ndarray], dataset: str,
+                          title: str = "Difference from no augmentation per epoch", budget: str | None = None,
+                          verdicts: Mapping[tuple[str, float], str] | None = None) -> Figure:
+    """Does an effect still move with the budget? Per stage (one panel each), the difference in validation
+    macro-F1 from no augmentation after every epoch, one line per p_aug: the mean over seeds, with a band
+    spanning the seeds (each seed's curve minus the baseline's mean curve). The grey band around 0 spans
+    the baseline's own seeds: differences inside it are within seed noise.
+
+    ``baseline``: (S_b, E) validation macro-F1 of the baseline's seeds per epoch; ``cells``:
+    {(stage, p_aug): (S, E)} likewise (NaN where a run stopped early); ``verdicts``: the test verdict
+    (VERDICT_STYLES key) of each cell, named in the legend.
+    """
+    baseline = np.atleast_2d(np.asarray(baseline, dtype=float))
+    reference = np.nanmean(baseline, axis=0)  # (E,)
+    epochs = np.arange(1, reference.size + 1)
+    stages = list(dict.fromkeys(stage for stage, _ in cells))
+    config.require(bool(stages), "no augmented cells to plot against the baseline")
+    ncols = min(len(stages), 3)
+    nrows = math.ceil(len(stages) / ncols)
+    fig, axes = _figure(title, dataset, budget, nrows=nrows, ncols=ncols, figsize=(5.0 * ncols, 0.9 + 3.4 * nrows),
+                        sharey=True, squeeze=False)
+    p_values = sorted({p for _, p in cells})
+    colors = {p: plt.get_cmap("viridis")(0.85 * i / max(len(p_values) - 1, 1)) for i, p in enumerate(p_values)}
+    marker = "o" if epochs.size == 1 else None
+    for ax, stage in zip(axes.flat, stages, strict=False):
+        noise = baseline - reference
+        ax.fill_between(epochs, np.nanmin(noise, axis=0), np.nanmax(noise, axis=0), color="0.8", alpha=0.7,
+                        label=f"baseline seeds ({count_text(len(baseline), 'seed')})")
+        ax.axhline(0.0, color="0.4", lw=1, ls="--")
+        for (cell_stage, p), curves in cells.items():
+            if cell_stage != stage:
+                continue
+            curves = np.atleast_2d(np.asarray(curves, dtype=float))[:, : epochs.size] - reference  # (S, E)
+            verdict = VERDICT_STYLES[verdicts[stage, p]][0] if verdicts and (stage, p) in verdicts else None
+            label = f"p_aug {p:g} ({count_text(len(curves), 'seed')})" + (f": {verdict}" if verdict else "")
+            ax.plot(epochs[: curves.shape[1]], np.nanmean(curves, axis=0), color=colors[p], lw=2, marker=marker,
+                    label=label)
+            if len(curves) > 1:
+                ax.fill_between(epochs[: curves.shape[1]], np.nanmin(curves, axis=0), np.nanmax(curves, axis=0),
+                                color=colors[p], alpha=0.2)
+        ax.set_title(stage, fontsize=10)
+        ax.set(xlabel="epoch", xlim=(0.5, epochs.size + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # under the panel
+    for ax in axes[:, 0]:
+        ax.set_ylabel("difference in validation\nmacro-F1 from no augmentation")
+    for ax in axes.flat[len(stages):]:
+        ax.remove()  # empty slots of the last row
+    return fig
+
+
+def severity_text(severities: Sequence[int]) -> str:
+    """"severity 2" or "severities 1, 2, 3 (mean)": what a robustness score averages over."""
+    if len(severities) == 1:
+        return f"severity {severities[0]}"
+    return f"severities {', '.join(map(str, severities))} (mean)"
+
+
+def plot_robustness_drops(drops: pd.DataFrame, dataset: str, severities: Sequence[int],
+                          title: str = "Robustness: drop in macro-F1 under corruptions",
+                          budget: str | None = None) -> Figure:
+    """Per corruption kind (one panel each), how much each run group's test macro-F1 falls from clean to
+    corrupted images: the mean drop over seeds with its 95% interval (Student-t over seeds; one seed: hollow
+    marker, no interval). A smaller drop is more robust; the title names the severity.
+
+    ``drops``: one row per (run, kind) with run, kind, drop, low, high, n_seeds, in display order.
+    """
+    config.require(not drops.empty, "no corruption scores to plot: train with at least one severity")
+    kinds = list(dict.fromkeys(drops["kind"]))
+    runs_ = list(dict.fromkeys(drops["run"]))
+    ncols = min(len(kinds), 3)
+    nrows = math.ceil(len(kinds) / ncols)
+    fig, axes = _figure(f"{title} ({severity_text(severities)})", dataset, budget, nrows=nrows, ncols=ncols,
+                        figsize=(4.2 * ncols + 2.5, 0.9 + (0.9 + 0.32 * len(runs_)) * nrows), sharex=True,
+                        sharey=True, squeeze=False)
+    y = {run: i for i, run in enumerate(reversed(runs_))}  # the first run on top
+    for ax, kind in zip(axes.flat, kinds, strict=False):
+        part = drops[drops["kind"] == kind]
+        for row in part.itertuples():
+            color = "tab:blue"
+            tested = row.n_seeds > 1 and np.isfinite(row.low)
+            if tested:
+                ax.hlines(y[row.run], row.low, row.high, color=color, lw=2)
+            ax.plot(row.drop, y[row.run], "o", color=color, mfc=color if tested else "white", ms=6)
+        ax.axvline(0.0, color="0.5", lw=1, ls="--")
+        ax.set_title(kind, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("drop in test macro-F1\n(clean − corrupted)")
+    axes[0, 0].set_yticks(list(y.values()), list(y))
+    for ax in axes.flat[len(kinds):]:
+        ax.remove()
+    fig.legend(handles=[Line2D([], [], color="0.3", lw=2, marker="o", label="mean drop, 95% interval over seeds"),
+                        Line2D([], [], ls="none", marker="o", mfc="white", mec="0.3", label="1 seed: no interval")],
+               loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
 
 
 def _cost_annotation(row: Mapping) -> str:
@@ -497,7 +689,8 @@ def _comparison_bars(rows: Sequence[Mapping], dataset: str, title: str, xlabel: 
     frame = pd.DataFrame(rows).reindex(columns=["f1_macro", "ci_low", "ci_high"]).astype(float)
     f1 = frame["f1_macro"].to_numpy()
     # A row without an interval gets none (its bounds collapse onto the value).
-    low, high = (frame[key].fillna(frame["f1_macro"]).to_numpy() for key in ("ci_low", "ci_high"))
+    # A Student-t interval over two or three seeds can reach past the metric's range: drawn within [0, 1].
+    low, high = (frame[key].fillna(frame["f1_macro"]).clip(0.0, 1.0).to_numpy() for key in ("ci_low", "ci_high"))
     fig, ax = _figure(title, dataset, budget, figsize=(max(6.0, 1.9 * len(rows) + 2), 5))
     x = np.arange(len(rows))
     ax.bar(x, f1, 0.6, color=plt.get_cmap("tab10")(x % 10), alpha=0.8, yerr=[f1 - low, high - f1], capsize=6,
@@ -566,54 +759,6 @@ def plot_confused_pairs(images, y_true, y_pred, dataset: str, top_k: int = 5, pe
     return fig
 
 
-def _t_interval(values) -> tuple[float, float]:
-    """95% Student-t interval of the mean over seeds (stats.seed_summary), as seaborn's errorbar wants."""
-    summary = stats.seed_summary(values)
-    return summary["ci_low"], summary["ci_high"]
-
-
-def plot_seed_spread(df, dataset: str, metric: str = "f1_macro", title: str = "Spread over seeds",
-                     budget: str | None = None, chance: float | None = None) -> Figure:
-    """Per stage, one panel: the metric of every seed (seaborn strip plot) and its mean with a 95% t-interval.
-
-    ``df``: DataFrame with columns stage, p_aug, seed and ``metric``. With one seed in every
-    (stage, p_aug) cell there is no spread: the figure says so instead of drawing single dots.
-    """
-    if df.groupby(["stage", "p_aug"])["seed"].nunique().max() < 2:
-        fig, ax = _figure(title, dataset, budget, figsize=(7, 2.5))
-        ax.text(0.5, 0.5, "one seed per cell: there is no spread over seeds to show\n"
-                "(train each cell with two or more seeds)", ha="center", va="center", transform=ax.transAxes)
-        ax.axis("off")
-        return fig
-    stages = list(dict.fromkeys(df["stage"]))
-    ncols = min(len(stages), 3)
-    nrows = math.ceil(len(stages) / ncols)
-    fig, axes = _figure(title, dataset, budget, nrows=nrows, ncols=ncols, figsize=(4.6 * ncols, 3.6 * nrows),
-                        sharey=True, squeeze=False)
-    # Every p_aug keeps its slot in every panel, even where a stage lacks it.
-    p_values = sorted(df["p_aug"].unique())
-    for ax, stage in zip(axes.flat, stages, strict=False):
-        part = df[df["stage"] == stage]
-        sns.stripplot(part, x="p_aug", y=metric, order=p_values, ax=ax, color="tab:blue", alpha=0.6, size=4,
-                      jitter=0.12)
-        sns.pointplot(part, x="p_aug", y=metric, order=p_values, ax=ax, errorbar=_t_interval, color="black",
-                      marker="D", markersize=5, linestyle="none", capsize=0.1, err_kws={"linewidth": 1.2})
-        ax.set_xticks(range(len(p_values)), [_fmt_axis_value(float(p)) for p in p_values])
-        _chance_line(ax, chance)
-        ax.set_title(stage, fontsize=10)
-        ax.set(xlabel="p_aug", ylabel=METRIC_LABELS.get(metric, metric))
-        ax.grid(axis="y", alpha=0.3)
-    # Zoomed on the seeds (the spread is the point) but never outside the metric's [0, 1].
-    low, high = axes.flat[0].get_ylim()
-    axes.flat[0].set_ylim(max(low, 0.0), min(high, 1.0))
-    for ax in axes.flat[len(stages):]:
-        ax.remove()  # empty slots of the last row
-    axes.flat[0].legend(handles=[Line2D([], [], ls="none", marker="o", color="tab:blue", label="one seed"),
-                                 Line2D([], [], ls="none", marker="D", color="black", label="mean ± 95% CI")],
-                        fontsize=8)
-    return fig
-
-
 def plot_tuning_history(values: Sequence[float], dataset: str, budget: str | None = None) -> Figure:
     """Each tuning trial's validation macro-F1 (dots) and the best so far (steps), by trial number.
 
@@ -622,7 +767,7 @@ def plot_tuning_history(values: Sequence[float], dataset: str, budget: str | Non
     values = np.asarray(values, dtype=float)
     config.require(values.ndim == 1 and values.size > 0, "no trial values to plot: run at least one trial")
     trials = np.arange(values.size)
-    fig, ax = _figure(f"Tuning history ({values.size} trials)", dataset, budget, figsize=(7.5, 4.2))
+    fig, ax = _figure(f"Tuning history ({count_text(values.size, 'trial')})", dataset, budget, figsize=(7.5, 4.2))
     ax.plot(trials, values, "o", color="tab:blue", alpha=0.7, label="trial")
     ax.step(trials, np.fmax.accumulate(values), where="post", color="tab:red", label="best so far")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -640,13 +785,13 @@ def plot_param_importances(importances: Mapping[str, float], n_trials: int, data
     """
     config.require(len(importances) > 0, "no importances to plot: the study needs completed trials")
     names = sorted(importances, key=importances.get)  # barh draws the first at the bottom
-    fig, ax = _figure(f"Hyperparameter importances ({n_trials} trials)", dataset, budget,
+    fig, ax = _figure(f"Hyperparameter importances ({count_text(n_trials, 'trial')})", dataset, budget,
                       figsize=(7.5, 2.2 + 0.4 * len(names)))
     bars = ax.barh(names, [importances[name] for name in names], color="tab:blue", alpha=0.8)
     ax.bar_label(bars, fmt="%.2f", fontsize=ANNOT_FONTSIZE, padding=2)
     ax.set(xlabel="importance (share of the objective's variance)", ylabel="hyperparameter", xlim=(0.0, 1.0))
     if n_trials < MIN_TRIALS_FOR_IMPORTANCES:
-        ax.set_title(f"only {n_trials} trials: too few for importances to mean anything "
+        ax.set_title(f"only {count_text(n_trials, 'trial')}: too few for importances to mean anything "
                      f"(need ≥ {MIN_TRIALS_FOR_IMPORTANCES})", color="tab:red", fontsize=9)
     return fig
 

@@ -149,10 +149,19 @@ def test_grid_summary_and_figures(project_dirs):
     for _, row in augmented.iterrows():  # flags come before verdicts in the conclusions
         expected = "not distinguishable from chance" if row["at_chance"] else "no verdict (one seed"
         assert expected in reports.conclusion(row) and reports.conclusion(row) in markdown
-    paths = reports.figures(frame)
+    paths = reports.figures(frame, formats=("pdf",))
+    family = reports.family_slug(frame, table)
+    assert family.startswith(f"simplecnn-{base.preset}-") and len(reports.families(table)) == 1
     names = {p.name for p in paths}
-    assert "synthetic_simplecnn_heatmap_f1.png" in names and "synthetic_simplecnn_best_confusion.png" in names
+    for figure in ("forest", "difference_heatmap", "effect_vs_budget", "robustness_drops", "per_class_f1",
+                   "learning_curves", "confusion_best"):
+        assert {f"synthetic_{family}_{figure}.png", f"synthetic_{family}_{figure}.pdf"} <= names, figure
     assert all(p.stat().st_size > 1000 for p in paths)
+    thumbnails = reports.gallery(frame, project_dirs / "reports" / "gallery")
+    assert sorted(p.stem for p in thumbnails) == sorted(reports.GALLERY_FIGURES)
+    with pytest.raises(config.ConfigError, match="inside the project"):  # never written outside it
+        reports.gallery(frame, project_dirs / "elsewhere")
+    assert not (project_dirs / "elsewhere").exists()
 
 
 def test_tune_is_resumable_and_records_divergence(project_dirs, monkeypatch):
@@ -272,7 +281,7 @@ def test_killed_study_resumes_to_the_same_reports(project_dirs, monkeypatch):
 
 
 def test_eda_figures_from_the_command_line(project_dirs, capsys):
-    assert experiments.main(["eda", "--dataset", "synthetic"]) == 0
+    assert experiments.main(["eda", "--dataset", "synthetic", "--format", "svg"]) == 0
     written = capsys.readouterr().out.split()
-    assert len(written) == 8 and all(path.endswith(".png") for path in written)
+    assert len(written) == 12 and {path.rsplit(".", 1)[1] for path in written} == {"png", "svg"}
     assert (config.FIGURES_DIR / "synthetic_eda_stage_gallery.png").stat().st_size > 10_000

@@ -55,3 +55,11 @@ def test_readme_block_runs_on_its_own(code, tmp_path, tiny_data_dir):
     output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     assert result.returncode == 0, f"README block failed:\n{code}\n{output}"
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_readme_images_exist_and_the_gallery_has_every_main_figure():
+    import reports
+
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text(encoding="utf-8"))
+    assert [path for path in images if not (ROOT / path).is_file()] == []
+    assert {Path(path).stem for path in images if path.startswith("docs/gallery/")} == set(reports.GALLERY_FIGURES)

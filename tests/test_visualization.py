@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
@@ -96,7 +97,15 @@ def test_channel_histograms_match_bincount(images):
     counts = viz.channel_histograms(images)
     for c in range(3):
         np.testing.assert_array_equal(counts[c], np.bincount(images[:, c].numpy().ravel(), minlength=256))
-    assert_figure(viz.plot_channel_histograms(images, "synthetic"), 3)
+    images = images.clone()
+    images[:5] = 255  # a spike at 255 is left out of the curve and given in words
+    fig = viz.plot_channel_histograms(images, "synthetic")
+    axes = main_axes(fig)
+    assert len(axes) == 3 and axes[0].get_ylabel() == "share of pixels (%)"
+    share_255 = 100 * (images[:, 0] == 255).float().mean().item()
+    assert f"{share_255:.1f} % at 255" in axes[0].get_title()
+    drawn = axes[0].collections[0].get_paths()[0].vertices[:, 0]
+    assert drawn.min() >= 0.5 and drawn.max() <= 254.5  # 1..254 drawn as steps
 
 
 def test_image_statistics_match_per_image_reference(images):
@@ -135,34 +144,27 @@ def test_channel_correlation_matches_numpy(images):
     images[:, 1] = images[:, 0] // 2 + images[:, 1] // 2  # correlated channels
     pixels = images.permute(1, 0, 2, 3).reshape(3, -1).numpy().astype(np.float64)
     np.testing.assert_allclose(viz.channel_correlation(images), np.corrcoef(pixels), atol=1e-9)
-    fig = viz.plot_channel_correlation(images, "synthetic")
-    assert_figure(fig, 1)
-    texts = [t.get_text() for t in main_axes(fig)[0].texts]
-    assert f"{np.corrcoef(pixels)[0, 1]:.3f}" in texts
 
 
-def test_channel_stats_annotated():
-    mean, std = config.SVHN_MEAN, config.SVHN_STD
-    fig = viz.plot_channel_stats(mean, std, "svhn")
-    assert_figure(fig, 1, dataset="svhn")
-    texts = {t.get_text() for t in main_axes(fig)[0].texts}
-    assert {f"{v:.3f}" for v in (*mean, *std)} <= texts
-
-
-def history(epochs=5):
+def history(epochs=5, shift=0.0):
     return [dict(epoch=e, train_loss=1 / e, val_loss=1.1 / e, train_accuracy=1 - 0.5 / e,
-                 val_accuracy=0.9 - 0.5 / e, val_f1_macro=0.8 - 0.3 / e + (0.2 if e == 3 else 0.0))
+                 val_accuracy=0.9 - 0.5 / e, val_f1_macro=0.8 - 0.3 / e + (0.2 if e == 3 else 0.0) + shift)
             for e in range(1, epochs + 1)]
 
 
-def test_learning_curves_mark_best_epoch():
-    fig = viz.plot_learning_curves(history(), "synthetic", title="run x")
+def test_learning_curves_overlay_every_seed_and_mark_best_epochs():
+    runs = {"stage1_basic p=0.5": [history(), history(shift=0.01)], "no augmentation": [history(shift=-0.02)]}
+    fig = viz.plot_learning_curves(runs, "synthetic", title="run x", budget="5 epochs, 2 seeds")
     assert_figure(fig, 3)
     assert "run x" in fig.get_suptitle()
     loss_ax, acc_ax, f1_ax = main_axes(fig)
-    assert len(loss_ax.get_lines()) == 3  # train, val, best-epoch marker
-    best_line = f1_ax.get_lines()[-1]
-    assert best_line.get_xdata()[0] == 3
+    assert len(loss_ax.get_lines()) == 6  # train and val of each of the three seeds
+    curves = [line for line in f1_ax.get_lines() if len(line.get_xdata()) > 1]
+    np.testing.assert_allclose(curves[1].get_ydata(), [h["val_f1_macro"] for h in history(shift=0.01)])
+    best = [line for line in f1_ax.get_lines() if len(line.get_xdata()) == 1]
+    assert [line.get_xdata()[0] for line in best] == [3, 3, 3]  # each seed's best-validation epoch
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "stage1_basic p=0.5 (2 seeds)" in labels and "no augmentation (1 seed)" in labels
 
 
 def test_learning_curves_integer_epochs_and_metric_axes():
@@ -174,12 +176,11 @@ def test_learning_curves_integer_epochs_and_metric_axes():
     assert_metric_axis(acc_ax)
     assert_metric_axis(f1_ax)
     assert "chance 0.10" in [t.get_text() for t in f1_ax.texts]
-    assert not fig.get_supxlabel()
 
 
 def test_learning_curves_one_epoch_says_so():
     fig = viz.plot_learning_curves(history(1), "svhn", budget="1 epoch")
-    assert "one epoch only" in fig.get_supxlabel()
+    assert "1 epoch only" in main_axes(fig)[1].get_title()
     assert main_axes(fig)[0].get_lines()[0].get_marker() == "o"
 
 
@@ -187,7 +188,7 @@ def test_learning_curves_skip_missing_keys():
     records = [{k: v for k, v in r.items() if k != "train_accuracy"} for r in history()]
     fig = viz.plot_learning_curves(records, "svhn")
     assert_figure(fig, 3, dataset="svhn")
-    assert len(main_axes(fig)[1].get_lines()) == 2  # val accuracy and the marker
+    assert len(main_axes(fig)[1].get_lines()) == 1  # validation accuracy only
 
 
 def test_confusion_matrix_is_row_normalized():
@@ -199,70 +200,111 @@ def test_confusion_matrix_is_row_normalized():
     ax = main_axes(fig)[0]
     texts = cell_texts(ax)
     assert len(texts) == 100
-    assert texts[2, 5].get_text() == f"{cm[2, 5] / cm[2].sum():.3f}"
+    assert texts[2, 5].get_text() == f"{cm[2, 5] / cm[2].sum():.2f}"
     assert ax.collections[0].get_clim() == (0.0, 1.0)
     counts = viz.plot_confusion_matrix(cm, "svhn", normalize=False, budget="500 test images")
     assert cell_texts(main_axes(counts)[0])[0, 0].get_text() == str(cm[0, 0])
     assert "500 test images" in counts.get_suptitle()
 
 
-def test_per_class_f1_grouped_bars():
-    runs = {"a": list(np.linspace(0.8, 0.9, 10)), "b": list(np.linspace(0.85, 0.95, 10))}
-    fig = viz.plot_per_class_f1(runs, "synthetic", chance=0.1)
+def test_per_class_f1_means_and_intervals_over_seeds():
+    rng = np.random.default_rng(0)
+    seeds = 0.85 + 0.1 * rng.random((3, 10))
+    fig = viz.plot_per_class_f1({"a": seeds, "b": np.linspace(0.8, 0.9, 10)}, "synthetic", chance=0.1)
     assert_figure(fig, 1)
     ax = main_axes(fig)[0]
-    bars = [p for container in ax.containers for p in container]
-    assert len(bars) == 20
-    np.testing.assert_allclose([p.get_height() for p in bars[10:]], runs["b"])
-    assert_metric_axis(ax)  # the whole 0..1 range, not zoomed onto the scores
-    assert "chance 0.10" in [t.get_text() for t in ax.texts]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (macro 0.850)", "b (macro 0.900)"]
+    points_a, points_b = (container.lines[0] for container in ax.containers)
+    np.testing.assert_allclose(points_a.get_ydata(), seeds.mean(axis=0))
+    # The error bar of digit 4 spans stats.seed_summary's Student-t interval over the seeds.
+    summary = stats.seed_summary(seeds[:, 4])
+    segment = ax.containers[0].lines[2][0].get_segments()[4]
+    np.testing.assert_allclose(segment[:, 1], [summary["ci_low"], summary["ci_high"]])
+    assert not ax.containers[1].has_yerr  # one run: no interval
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [f"a (3 seeds, macro-F1 {seeds.mean():.3f})", "b (1 seed, macro-F1 0.850), no interval"]
+    assert ax.get_ylim()[1] == 1.0 and ax.get_ylim()[0] >= 0.0
 
 
-def grid_table():
-    stages = ["none", "stage1_basic", "stage2_geometry"]
-    values = np.array([[0.9012, np.nan], [0.9123, 0.8871], [0.9255, 0.8766]])
-    return pd.DataFrame(values, index=stages, columns=[0.0, 0.25])
+def forest_rows():
+    return [dict(label="no augmentation", diff=0.0, low=np.nan, high=np.nan, verdict="baseline",
+                 seed_diffs=[-0.01, 0.0, 0.01]),
+            dict(label="stage1_basic, p_aug 0.5", diff=0.03, low=0.01, high=0.05, verdict="better",
+                 seed_diffs=[0.02, 0.03, 0.04]),
+            dict(label="stage5_occlusion, p_aug 0.5", diff=-0.2, low=np.nan, high=np.nan, verdict="not tested",
+                 seed_diffs=[-0.2])]
 
 
-def test_heatmap_annotates_values_marks_and_intervals():
-    table = grid_table()
-    significance = pd.DataFrame([["", ""], ["*", ""], [True, "**"]], index=table.index, columns=table.columns)
-    ci = pd.DataFrame(0.0042, index=table.index, columns=table.columns)
-    fig = viz.plot_heatmap(table, "synthetic", significance=significance, ci_halfwidth=ci)
+def test_forest_plot_draws_intervals_seeds_and_verdicts():
+    fig = viz.plot_forest(forest_rows(), "synthetic", budget="3 seeds")
+    assert_figure(fig, 1)
+    ax = main_axes(fig)[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [r["label"] for r in forest_rows()]
+    (intervals,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    interval = intervals.get_segments()[0]  # the only interval: stage1_basic, second row from the top
+    np.testing.assert_allclose(interval, [[0.01, 1.0], [0.05, 1.0]])
+    seeds = [c for c in ax.collections if not isinstance(c, LineCollection)]
+    assert sum(len(c.get_offsets()) for c in seeds) == 7  # every seed a dot
+    mean_markers = [line for line in ax.get_lines() if line.get_marker() not in ("None", None, "")]
+    seed_layer = max(c.get_zorder() for c in seeds)
+    assert all(seed_layer > line.get_zorder() for line in mean_markers)  # seeds drawn over the means
+    right = [t.get_text() for t in ax.child_axes[0].get_yticklabels()]
+    assert "+0.030 [+0.010, +0.050]" in right and "reference" in right and "-0.200" in right
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "significantly better" in legend and "not tested (one seed or no baseline)" in legend
+    with pytest.raises(config.ConfigError):
+        viz.plot_forest([], "synthetic")
+
+
+def grid(values):
+    return pd.DataFrame(np.asarray(values, dtype=object).reshape(2, 2), index=["stage1_basic", "stage5_occlusion"],
+                        columns=[0.5, 1.0])
+
+
+def test_difference_heatmap_is_centred_on_zero_with_marks_and_hatching():
+    diff = grid([0.02, -0.1, 0.001, -0.3]).astype(float)
+    verdicts = grid(["better", "worse", "no difference", "not tested"])
+    fig = viz.plot_difference_heatmap(diff, verdicts, grid([3, 3, 3, 1]).astype(float), "synthetic",
+                                      low=diff - 0.01, high=diff + 0.01, note="Holm over 3 tested cells")
     assert_figure(fig, 1)
     ax = main_axes(fig)[0]
     texts = cell_texts(ax)
-    assert texts[1, 0].get_text() == "0.912*\n±0.004"
-    assert texts[2, 0].get_text() == "0.925*\n±0.004"
-    assert texts[2, 1].get_text() == "0.877**\n±0.004"
-    assert (0, 1) not in texts  # the missing cell is left blank (grey background)
-    assert texts[2, 0].get_fontweight() == "bold" and texts[1, 0].get_fontweight() != "bold"
-    # Colour limits follow the values' range, not 0..1.
+    assert texts[0, 0].get_text() == "+0.020 ▲\n[+0.010, +0.030]"
+    assert texts[0, 1].get_text().startswith("-0.100 ▼") and texts[1, 0].get_text().startswith("+0.001\n")
     low, high = ax.collections[0].get_clim()
-    assert 0.8 < low < 0.8766 and 0.9255 < high < 1.0
+    assert low == -high and high >= 0.3  # white is 0
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert [(p.get_x(), p.get_y()) for p in hatched] == [(1, 1)]  # the one-seed cell
+    assert "Holm over 3 tested cells" in ax.get_title() and "hatched: 1 seed" in ax.get_title()
+    colorbar = [a for a in fig.axes if a.get_label() == "<colorbar>"][0]
+    assert "difference in test macro-F1" in colorbar.get_ylabel()
 
 
-def test_heatmap_plain_and_eight_columns():
-    table = pd.DataFrame(np.linspace(0.8, 0.9, 16).reshape(2, 8), index=["a", "b"], columns=np.arange(8) / 8)
-    fig = viz.plot_heatmap(table, "svhn", title="t")
-    assert_figure(fig, 1, dataset="svhn")
-    texts = cell_texts(main_axes(fig)[0])
-    expected = [f"{v:.3f}" for v in table.to_numpy().ravel()]
-    assert [texts[r, c].get_text() for r in range(2) for c in range(8)] == expected
-
-
-def test_robustness_heatmap():
-    table = pd.DataFrame([[0.9, 0.7, 0.8], [0.92, 0.8, 0.85]], index=["none", "stage5_occlusion"],
-                         columns=["clean", "affine", "noise"])
-    fig = viz.plot_robustness(table, "synthetic", budget="2,250 train images, 8 epochs, 3 seeds")
+def test_effect_vs_budget_subtracts_the_baseline_mean_per_epoch():
+    base = np.array([[0.80, 0.90], [0.82, 0.92]])
+    cell = np.array([[0.70, 0.95], [0.74, 0.97]])
+    fig = viz.plot_effect_vs_budget(base, {("stage1_basic", 0.5): cell}, "synthetic",
+                                    verdicts={("stage1_basic", 0.5): "better"})
     assert_figure(fig, 1)
     ax = main_axes(fig)[0]
-    assert "0.800" in [t.get_text() for t in ax.texts]
-    assert fig.get_suptitle().endswith("\n2,250 train images, 8 epochs, 3 seeds")
-    # The colour scale of a metric in [0, 1] never leaves it, even with values near 0.
-    low_scores = pd.DataFrame([[0.02, 0.5], [0.05, 0.99]], index=["a", "b"], columns=["clean", "noise"])
-    assert main_axes(viz.plot_robustness(low_scores, "svhn"))[0].collections[0].get_clim() == (0.0, 1.0)
+    mean_line = [line for line in ax.get_lines() if line.get_label().startswith("p_aug")][0]
+    np.testing.assert_allclose(mean_line.get_ydata(), [-0.09, 0.05])
+    assert mean_line.get_label() == "p_aug 0.5 (2 seeds): significantly better"
+    with pytest.raises(config.ConfigError):
+        viz.plot_effect_vs_budget(base, {}, "synthetic")
+
+
+def test_robustness_drops_name_the_severity_and_show_intervals():
+    drops = pd.DataFrame([dict(run="a", kind="blur", drop=0.1, low=0.05, high=0.15, n_seeds=3),
+                          dict(run="b", kind="blur", drop=0.3, low=np.nan, high=np.nan, n_seeds=1),
+                          dict(run="a", kind="noise", drop=-0.01, low=-0.02, high=0.0, n_seeds=3),
+                          dict(run="b", kind="noise", drop=0.2, low=np.nan, high=np.nan, n_seeds=1)])
+    fig = viz.plot_robustness_drops(drops, "synthetic", severities=(2,))
+    assert "severity 2" in fig.get_suptitle()
+    blur, noise = main_axes(fig)
+    assert blur.get_title() == "blur" and [t.get_text() for t in blur.get_yticklabels()] == ["b", "a"]
+    np.testing.assert_allclose(blur.collections[0].get_segments()[0], [[0.05, 1.0], [0.15, 1.0]])
+    assert len(blur.collections) == 1  # the one-seed run has no interval
+    assert "severities 1, 2, 3 (mean)" == viz.severity_text((1, 2, 3))
 
 
 ROWS = [
@@ -316,35 +358,6 @@ def test_confused_pairs_figure(images, labels):
     assert_figure(viz.plot_confused_pairs(images, labels, labels, "svhn"), 1, dataset="svhn")
 
 
-def test_seed_spread():
-    rng = np.random.default_rng(2)
-    df = pd.DataFrame([dict(stage=s, p_aug=p, seed=k, f1_macro=0.9 + rng.normal(0, 0.01))
-                       for s in ("stage1_basic", "stage2_geometry") for p in (0.0, 0.5) for k in range(3)])
-    fig = viz.plot_seed_spread(df, "synthetic", chance=0.1)
-    assert_figure(fig, 2)
-    axes = main_axes(fig)
-    assert {ax.get_title() for ax in axes} == {"stage1_basic", "stage2_geometry"}
-    low, high = axes[0].get_ylim()
-    assert 0.0 <= low <= 0.1 and 0.9 < high <= 1.0  # zoomed on the seeds, the chance line included
-    # The interval drawn for the first cell is stats.seed_summary's Student-t interval.
-    cell = df[(df["stage"] == "stage1_basic") & (df["p_aug"] == 0.0)]["f1_macro"]
-    summary = stats.seed_summary(cell)
-    # seaborn draws each interval with its caps as one line, the pieces separated by NaN.
-    intervals = [line.get_ydata() for line in axes[0].get_lines() if np.isnan(line.get_ydata()).any()]
-    assert len(intervals) == 2  # one per p_aug
-    np.testing.assert_allclose([np.nanmin(intervals[0]), np.nanmax(intervals[0])],
-                               [summary["ci_low"], summary["ci_high"]])
-
-
-def test_seed_spread_with_one_seed_says_so():
-    df = pd.DataFrame([dict(stage=s, p_aug=p, seed=0, f1_macro=0.9) for s in ("a", "b") for p in (0.0, 0.5)])
-    fig = viz.plot_seed_spread(df, "synthetic")
-    assert "synthetic" in fig.get_suptitle()
-    (ax,) = fig.axes
-    assert not ax.collections and not ax.get_lines()  # no dots drawn
-    assert "one seed per cell" in ax.texts[0].get_text()
-
-
 def test_model_label():
     assert viz.model_label("simplecnn") == "SimpleCNN"
     assert viz.model_label("resnet18") == "ResNet18Cifar"
@@ -378,14 +391,32 @@ def test_param_importances_warn_with_few_trials():
     assert "too few" not in main_axes(many)[0].get_title()
 
 
-def test_save_figure_writes_png_atomically(tmp_path):
+def test_save_figure_writes_png_and_vector_copies_atomically(tmp_path):
     fig, ax = plt.subplots(figsize=(2, 1.5))
     ax.plot([0, 1], [0, 1])
-    path = viz.save_figure(fig, tmp_path / "sub" / "f.png", dpi=50)
-    assert path == tmp_path / "sub" / "f.png"
+    paths = viz.save_figure(fig, tmp_path / "sub" / "f.png", dpi=50, formats=("pdf", "svg"))
+    assert paths == [tmp_path / "sub" / f"f.{ext}" for ext in ("png", "pdf", "svg")]
+    with Image.open(paths[0]) as png:
+        # Cropped to what is drawn: the tight bounding box is smaller than the 100 x 75 canvas.
+        assert png.format == "PNG" and png.size[0] <= 100 and png.size[1] <= 75
+    assert paths[1].read_bytes().startswith(b"%PDF") and b"<svg" in paths[2].read_bytes()
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["f.pdf", "f.png", "f.svg"]  # no temporary file
+    with pytest.raises(config.ConfigError, match="unknown figure format"):
+        viz.save_figure(fig, tmp_path / "g.png", formats=("jpeg",))
+
+
+def test_count_text():
+    assert viz.count_text(1, "epoch") == "1 epoch" and viz.count_text(3, "seed") == "3 seeds"
+    assert viz.count_text(2700, "train image") == "2,700 train images"
+
+
+def test_thumbnail_is_small_and_stamped(tmp_path):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([0, 1], [0, 1])
+    path = viz.save_thumbnail(fig, tmp_path / "t.png", stamp="SYNTHETIC DATA", width_px=200)
+    assert "SYNTHETIC DATA" in [t.get_text() for t in fig.texts]
     with Image.open(path) as png:
-        assert png.format == "PNG" and png.size == (100, 75)
-    assert [p.name for p in path.parent.iterdir()] == ["f.png"]  # no temporary file left
+        assert 150 <= png.size[0] <= 210
 
 
 def test_replay_text_reads_the_parameters():
