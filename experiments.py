@@ -147,6 +147,9 @@ def cmd_figures(args) -> None:
         paths = reports.figures(frame, formats=args.format)
     for path in paths:
         print(path)
+    if not paths:
+        print(f"no figures: none of the {len(frame)} run(s) belongs to a family with a no-augmentation baseline "
+              "and an augmented cell (run a grid)", file=sys.stderr)
 
 
 def cmd_presets(args) -> None:

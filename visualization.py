@@ -577,6 +577,36 @@ def plot_difference_heatmap(diff: pd.DataFrame, verdicts: pd.DataFrame, n_seeds:
     return fig
 
 
+def plot_heatmap(table: pd.DataFrame, dataset: str, title: str = "Test macro-F1, stage × p_aug",
+                 metric_label: str = "macro-F1 (test)", significance: pd.DataFrame | None = None,
+                 note: str | None = None, budget: str | None = None) -> Figure:
+    """The study's annotated stage × p_aug heatmap of a metric (index: stage, columns: p_aug), "*" after the
+    cells marked in ``significance`` (same labels, "*" or ""); colours span the values' range within [0, 1],
+    the highest cell is bold, a missing one grey; ``note`` (what the marks mean) goes under the title."""
+    values = table.to_numpy(dtype=float)  # (stages, p_augs)
+    marks = (np.full(values.shape, "", dtype=object) if significance is None
+             else significance.reindex(index=table.index, columns=table.columns).fillna("").to_numpy(dtype=object))
+    texts = np.array([[f"{v:.3f}{m}" if np.isfinite(v) else "" for v, m in zip(row, mark_row, strict=True)]
+                      for row, mark_row in zip(values, marks, strict=True)], dtype=object).reshape(values.shape)
+    finite = values[np.isfinite(values)]
+    spread = max(float(finite.max() - finite.min()), 0.01) if finite.size else 1.0  # a flat table stays visible
+    vmin = max(float(finite.min()) - 0.1 * spread, 0.0) if finite.size else 0.0
+    vmax = min(float(finite.max()) + 0.1 * spread, 1.0) if finite.size else 1.0
+    rows, cols = values.shape
+    fig, ax = _figure(title, dataset, budget, figsize=(3.5 + 1.1 * cols, 2.3 + 0.7 * rows))
+    _heatmap(ax, values, texts, table.index, [_fmt_axis_value(float(p)) for p in table.columns], cmap="viridis",
+             vmin=vmin, vmax=vmax, colorbar_label=metric_label)
+    if finite.size:
+        best_row, best_col = np.unravel_index(np.nanargmax(values), values.shape)
+        for text in ax.texts:  # seaborn writes cell (r, c)'s text at its centre (c + 0.5, r + 0.5)
+            if text.get_position() == (best_col + 0.5, best_row + 0.5):
+                text.set_fontweight("bold")
+    ax.set(xlabel="p_aug (share of augmented training images)", ylabel="augmentation stage")
+    if note:
+        ax.set_title(note, fontsize=8)
+    return fig
+
+
 def plot_effect_vs_budget(baseline: np.ndarray, cells: Mapping[tuple[str, float], np.ndarray], dataset: str,
                           title: str = "Difference from no augmentation per epoch", budget: str | None = None,
                           verdicts: Mapping[tuple[str, float], str] | None = None) -> Figure:

@@ -152,11 +152,12 @@ def open_existing_storage(url: str | Path | None = None) -> BaseStorage:
     """``open_storage`` for reading: a journal or SQLite file that does not exist yet is an error
     rather than a new empty storage (a database server answers for itself)."""
     text = default_storage() if url is None else str(url)
-    if "://" not in text or text.startswith(("journal://", "sqlite:///")):
+    mistyped_url = not isinstance(url, Path) and _ONE_SLASH_URL.match(text)  # open_storage names the typo
+    if not mistyped_url and ("://" not in text or text.startswith(("journal://", "sqlite:///"))):
         path = Path(text.removeprefix("journal://").removeprefix("sqlite:///"))
         if not path.exists():
-            raise QueueError(f"no queue storage at {path} (nothing was queued there yet): run grid or study "
-                             "first, or name the storage with --storage")
+            raise QueueError(f"no queue storage at {mask_password(str(path))} (nothing was queued there yet): run "
+                             "grid or study first, or name the storage with --storage")
     return open_storage(url)
 
 

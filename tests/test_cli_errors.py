@@ -408,7 +408,7 @@ MORE_BAD_INPUTS = [
     (("worker", "--heartbeat", "nan"), "--heartbeat"),
     (("study", "--heartbeat", "-5"), "--heartbeat"),
     (("presets", "--epochs", "0", "--n-train", "100"), "epochs"),
-    (("tune", "--device", "tpu"), "tpu"),
+    (("tune", "--stage", "stage1_basic", "--device", "tpu"), "tpu"),
     (("summary", "--source", "nothing.journal"), "nothing.journal"),
     (("worker", "--storage", "missing-folder/queue.journal"), "missing-folder"),
     (("grid", *TINY_RUN, "--stages", "stage1_basic", "--no-top-up", "--seeds-max", "4"), "--no-top-up"),

@@ -124,6 +124,9 @@ FIGURES = {
     "forest": lambda: viz.plot_forest(_forest_rows(), "synthetic", title="SimpleCNN: difference from no "
                                       "augmentation per cell", budget="SimpleCNN, strong preset, lr 0.003; " + BUDGET),
     "difference_heatmap": _difference_heatmap,
+    "heatmap_f1": lambda: viz.plot_heatmap(_grid(np.linspace(0.6, 0.95, 9)).astype(float), "synthetic",
+                                           significance=_grid(["", "*"] * 4 + [""]), budget=BUDGET,
+                                           note="* = differs from no augmentation (Holm over 8 tested cells)"),
     "effect_vs_budget": _effect_vs_budget,
     "robustness_drops": _robustness_drops,
     "model_comparison": lambda: viz.plot_model_comparison(COMPARISON_ROWS, "synthetic", budget=BUDGET, chance=0.12),

@@ -279,6 +279,21 @@ def test_difference_heatmap_is_centred_on_zero_with_marks_and_hatching():
     assert "difference in test macro-F1" in colorbar.get_ylabel()
 
 
+def test_f1_heatmap_marks_cells_bolds_the_best_and_keeps_its_colours_in_the_metric_range():
+    f1 = grid([0.91, 0.62, np.nan, 0.95]).astype(float)
+    fig = viz.plot_heatmap(f1, "synthetic", significance=grid(["", "*", "", "*"]), note="* = differs")
+    assert_figure(fig, 1)
+    ax = main_axes(fig)[0]
+    texts = cell_texts(ax)
+    assert texts[0, 0].get_text() == "0.910" and texts[0, 1].get_text() == "0.620*"
+    assert (1, 0) not in texts or texts[1, 0].get_text() == ""  # a missing cell stays blank
+    bold = [t.get_text() for t in ax.texts if t.get_fontweight() == "bold"]
+    assert bold == ["0.950*"]
+    low, high = ax.collections[0].get_clim()
+    assert 0.0 <= low < 0.62 and 0.95 < high <= 1.0
+    assert ax.get_title() == "* = differs"
+
+
 def test_effect_vs_budget_subtracts_the_baseline_mean_per_epoch():
     base = np.array([[0.80, 0.90], [0.82, 0.92]])
     cell = np.array([[0.70, 0.95], [0.74, 0.97]])
