@@ -323,7 +323,8 @@ def _add_queue_and_report_commands(sub) -> None:
         if name == "figures":
             _format_flag(p)
             p.add_argument("--gallery", type=Path, metavar="DIR",
-                           help="instead, small PNGs of the main figures (one family) into DIR, e.g. docs/gallery")
+                           help="instead, small PNGs of the main figures (one family) into DIR, e.g. "
+                           "docs/gallery (default: none, the full figures)")
 
     p = _subcommand(sub, "eda", cmd_eda, "the EDA figures of a dataset's train split, into reports/figures/")
     p.add_argument("--dataset", choices=config.DATASETS, default="synthetic", help="data set")
