@@ -91,9 +91,10 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120, formats: Sequence
 
 
 def save_thumbnail(fig: Figure, path: str | Path, stamp: str, width_px: int = THUMBNAIL_WIDTH_PX) -> Path:
-    """A small PNG of ``fig`` about ``width_px`` wide, with ``stamp`` (e.g. "SYNTHETIC DATA") written across its
-    top-left corner, so a thumbnail too small to read its title still says what data it shows."""
-    fig.text(0.01, 0.995, stamp, ha="left", va="top", fontsize=14, fontweight="bold", color="tab:red",
+    """A small PNG of ``fig`` about ``width_px`` wide, with ``stamp`` (e.g. "SYNTHETIC DATA") written above its
+    top-left corner (the tight crop grows to hold it, so it never covers the title), so a thumbnail too small
+    to read its title still says what data it shows."""
+    fig.text(0.01, 1.0, stamp, ha="left", va="bottom", fontsize=14, fontweight="bold", color="tab:red",
              bbox={"fc": "white", "ec": "tab:red", "alpha": 0.9, "pad": 2})
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=width_px / fig.get_figwidth(), bbox_inches="tight", pad_inches=0.05)
