@@ -98,15 +98,26 @@ class Job:
     teacher_model: str | None = None
 
 
+def grid_seeds(plan) -> tuple[int, ...]:
+    """The seeds a SimpleCNN grid cell can reach: the plan's first seeds, then the seed top-up's cap, which
+    the study reaches where the first seeds spread widely (at most: the top-up decides cell by cell)."""
+    from pipeline import seed_sequence
+
+    if plan.top_up is None or len(set(plan.seeds)) < 2:  # one first seed: nothing to plan from, no top-up
+        return tuple(plan.seeds)
+    return tuple(seed_sequence(plan.seeds, max(plan.top_up.seeds_max, len(set(plan.seeds)))))
+
+
 def study_jobs(plan, dataset: str = "synthetic") -> list[Job]:
-    """Every run the study trains for ``plan``, in the order of ``pipeline.run_study``."""
+    """Every run the study trains for ``plan``, in the order of ``pipeline.run_study``; the SimpleCNN grids
+    with every seed the top-up may add (`grid_seeds`), so the prediction is an upper bound for them."""
     from pipeline import grid_configs, study_configs
 
     simple, large = study_configs(dataset, plan)  # the plan's preset, sizes and batch size
+    seeds = grid_seeds(plan)
     grids = [
-        ("simple_grid", grid_configs(("simplecnn",), plan.simple_stages, plan.simple_p_augs, plan.seeds,
-                                     simple)),
-        ("extra", grid_configs(("simplecnn",), plan.extra_stages, (1.0,), plan.seeds, simple)),
+        ("simple_grid", grid_configs(("simplecnn",), plan.simple_stages, plan.simple_p_augs, seeds, simple)),
+        ("extra", grid_configs(("simplecnn",), plan.extra_stages, (1.0,), seeds, simple)),
     ]
     if large is not None:
         grids.append(("large_grid", grid_configs((plan.large_model,), plan.resnet_stages, plan.resnet_p_augs,
@@ -210,7 +221,7 @@ def comparisons(plan, jobs: list[Job]) -> list[int]:
     """Prediction arrays in each paired comparison of a grid cell with its family's no-augmentation
     baseline (``reports.summarize``): baseline seeds + cell seeds."""
     arrays = []
-    for grid_parts, seeds in ((("simple_grid", "extra"), len(plan.seeds)), (("large_grid",), 1)):
+    for grid_parts, seeds in ((("simple_grid", "extra"), len(grid_seeds(plan))), (("large_grid",), 1)):
         cells = {(job.cfg.stage, job.cfg.p_aug) for job in jobs if job.part in grid_parts}
         if ("none", 0.0) in cells:  # a family without a baseline compares nothing
             arrays += [2 * seeds] * (len(cells) - 1)

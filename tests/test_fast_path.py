@@ -219,22 +219,23 @@ def test_compiled_augmentation_compiles_once_per_stage_over_a_grid(monkeypatch, 
     counter = CompileCounter()
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counter, **kwargs))
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     images, labels = synthetic_images(120)
     data = RunData(images[:100], labels[:100], images[100:], labels[100:], images[100:], labels[100:],
                    config.SVHN_MEAN, config.SVHN_STD)
     stages = ("stage1_basic", "stage3_color", "stage5_occlusion")
     graphs_after_stage, shapes = [], set()
     torch._dynamo.reset()
+    # torch's own patch, not monkeypatch: setting an alias such as recompile_limit on the config module
+    # directly leaves it unreadable to torch after the undo, and every later compilation fails.
     try:
-        for stage in stages:
-            for p_aug in (0.5, 1.0):
-                cfg = config.TrainConfig(stage=stage, p_aug=p_aug, batch_size=32, compile=True)
-                (train, _, _), _ = runs.make_loaders(cfg, data, "cpu")
-                for _epoch in range(2):
-                    shapes |= {tuple(x.shape) for x, _ in train}
-            graphs_after_stage.append(counter.frame_count)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=2):
+            for stage in stages:
+                for p_aug in (0.5, 1.0):
+                    cfg = config.TrainConfig(stage=stage, p_aug=p_aug, batch_size=32, compile=True)
+                    (train, _, _), _ = runs.make_loaders(cfg, data, "cpu")
+                    for _epoch in range(2):
+                        shapes |= {tuple(x.shape) for x, _ in train}
+                graphs_after_stage.append(counter.frame_count)
     finally:
         torch._dynamo.reset()
     assert shapes == {(32, 3, 32, 32)}  # the partial batch is dropped before it is augmented
