@@ -19,8 +19,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	MPLBACKEND=Agg $(PY) experiments.py study --dataset synthetic --quick
 
+# One pytest worker per core (pytest-xdist, at most 8), each test handed to whichever worker is free.
 test: $(STAMP)
-	MPLBACKEND=Agg $(PY) -m pytest -q --durations=15
+	MPLBACKEND=Agg $(PY) -m pytest -q -n auto --maxprocesses 8 --dist worksteal --durations=15
 
 # The README's figure gallery: thumbnails of the main figures from reports/runs (run `make demo` first).
 gallery: $(STAMP)
